@@ -1,0 +1,42 @@
+# The two commands of the README: `make demo` (the main job on CPU) and `make test`.
+# Each sets up .venv in the repository root first (idempotent; torch pinned to the CPU build).
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+STAMP := .venv/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-cpu.txt requirements-dev.txt setup.py
+	test -x $(PY) || python3.11 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	# torch first and alone: with 2.13.0 present nothing later can pull a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements-cpu.txt -r requirements-dev.txt
+	# triton's wheel declares no CPU-usable deps; the interpreter (TRITON_INTERPRET=1) needs only numpy.
+	$(PIP) install -q --no-deps triton==3.9.0
+	$(PIP) install -q --no-deps -e .
+	$(PY) -c "import torch, megatron.core, megatron_rl.kernels; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
+# Every test, the slow multi-process ones included (CI runs exactly this).
+test: $(STAMP)
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+# Everything except tests marked slow: the inner loop while developing.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q -m "not slow" -p no:cacheprovider
+
+lint: $(STAMP)
+	$(PY) -m ruff check megatron_rl kernels tests tools benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf .venv build *.egg-info

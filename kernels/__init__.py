@@ -1,0 +1,1 @@
+"""Fused kernels (Triton) and their torch paths, imported as ``megatron_rl.kernels``."""

@@ -1,0 +1,3 @@
+from megatron_rl.cli.main import main
+
+raise SystemExit(main())
