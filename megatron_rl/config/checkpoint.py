@@ -1,0 +1,23 @@
+"""Checkpoint section: where and how often the full training state is saved."""
+
+from dataclasses import dataclass
+
+from megatron_rl.config.base import require
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""
+    """Directory holding `step_XXXXXXXX/` checkpoints and the `latest` pointer; empty disables saving."""
+    save_every: int = 50
+    """Save every this many steps (and at the end)."""
+    keep_last: int = 3
+    """Keep only the newest K checkpoints; 0 keeps all."""
+    resume: str = "auto"
+    """`auto` resumes from `dir/latest` if present, `none` starts fresh, or a checkpoint path."""
+    save_optimizer: bool = True
+    """Save optimizer state (needed for exact resume)."""
+
+    def __post_init__(self) -> None:
+        require(self.save_every >= 1, "`checkpoint.save_every` must be >= 1.")
+        require(self.keep_last >= 0, "`checkpoint.keep_last` must be >= 0 (0 keeps all).")
