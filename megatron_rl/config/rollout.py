@@ -1,0 +1,82 @@
+"""Rollout section: which engine serves generation, how many servers, sampling defaults, sync.
+
+Defaults follow the DeepScaleR recipe where it says something (temperature 0.6, n = 8,
+8K responses); the rest are SGLang's own defaults. ``engine="embedded"`` is the CPU engine
+(``python -m megatron_rl.rollout.serve``) that speaks the same HTTP API as SGLang.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_rl.config.base import require
+
+EngineKind = Literal["embedded", "sglang"]
+SyncTransport = Literal["distributed", "disk", "tensor"]
+
+
+@dataclass
+class RolloutConfig:
+    engine: EngineKind = "embedded"
+    """Rollout server kind: embedded (CPU, transformers) or sglang (GPU, launched or attached)."""
+    server_urls: list[str] = field(default_factory=list)
+    """Attach mode: URLs of servers a user already runs (e.g. http://node3:30000); empty = launch our own."""
+    num_servers: int = 1
+    """Servers to launch when server_urls is empty (each is one data-parallel rollout replica)."""
+    tp_size: int = 1
+    """Tensor-parallel size of each SGLang server (GPUs per server); the embedded engine needs 1."""
+    mem_fraction: float = 0.8
+    """SGLang --mem-fraction-static: share of each GPU for weights + KV cache (lower when colocated)."""
+    gpu_ids: list[int] | None = None
+    """GPUs given to launched servers, tp_size consecutive ids each; None = 0 .. num_servers*tp_size-1."""
+    base_port: int = 30000
+    """Port of the first launched server (server i uses base_port + i); 0 = pick free ports."""
+    request_timeout_s: float = 1800.0
+    """Per-request HTTP timeout; a request past it is aborted there and retried on another server."""
+    max_retries: int = 3
+    """How many other servers one request may be retried on after a server fails it."""
+    max_inflight_per_server: int = 256
+    """Requests in flight per server at most; the client balances on least outstanding requests."""
+    health_timeout_s: float = 600.0
+    """How long launched or attached servers may take to answer /health_generate with 200."""
+    sync_transport: SyncTransport = "distributed"
+    """Weight sync: broadcast over a process group (NCCL/gloo), a safetensors dir, or tensors over HTTP."""
+    bucket_size_mb: int = 512
+    """Weight sync bucket size in MiB: tensors are sent in groups of about this many bytes."""
+    temperature: float = 0.6
+    """Sampling temperature (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest top set with at least this probability mass (1 = off)."""
+    top_k: int = -1
+    """Keep only the k most likely tokens (-1 = off)."""
+    max_new_tokens: int = 8192
+    """Most tokens generated per sample (longer samples finish with reason `length`)."""
+    n_samples: int = 8
+    """Samples per prompt (GRPO group size)."""
+
+    def __post_init__(self) -> None:
+        require(self.num_servers >= 1, "`rollout.num_servers` must be >= 1.")
+        require(self.tp_size >= 1, "`rollout.tp_size` must be >= 1.")
+        require(self.engine != "embedded" or self.tp_size == 1,
+                "`rollout.tp_size` must be 1 with the embedded engine (it runs one CPU process "
+                "per server); use more servers (`rollout.num_servers`) instead.")
+        require(0.0 < self.mem_fraction <= 1.0, "`rollout.mem_fraction` must be in (0, 1].")
+        require(self.gpu_ids is None or len(self.gpu_ids) >= self.num_servers * self.tp_size,
+                f"`rollout.gpu_ids` lists {len(self.gpu_ids or [])} GPUs but {self.num_servers} "
+                f"servers x tp_size {self.tp_size} need {self.num_servers * self.tp_size}.")
+        require(self.base_port == 0 or 1024 <= self.base_port <= 65535 - self.num_servers,
+                "`rollout.base_port` must be 0 (free ports) or a port in 1024..65535 leaving room "
+                "for one port per server.")
+        require(all(u.startswith(("http://", "https://")) for u in self.server_urls),
+                "`rollout.server_urls` must be full URLs such as http://127.0.0.1:30000.")
+        require(self.request_timeout_s > 0 and self.health_timeout_s > 0,
+                "`rollout.request_timeout_s` and `rollout.health_timeout_s` must be > 0.")
+        require(self.max_retries >= 0, "`rollout.max_retries` must be >= 0.")
+        require(self.max_inflight_per_server >= 1, "`rollout.max_inflight_per_server` must be >= 1.")
+        require(self.bucket_size_mb >= 1, "`rollout.bucket_size_mb` must be >= 1.")
+        require(self.temperature >= 0, "`rollout.temperature` must be >= 0 (0 = greedy).")
+        require(0.0 < self.top_p <= 1.0, "`rollout.top_p` must be in (0, 1].")
+        require(self.top_k == -1 or self.top_k >= 1, "`rollout.top_k` must be -1 (off) or >= 1.")
+        require(self.max_new_tokens >= 1, "`rollout.max_new_tokens` must be >= 1.")
+        require(self.n_samples >= 1, "`rollout.n_samples` must be >= 1.")
