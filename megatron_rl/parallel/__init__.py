@@ -1,0 +1,1 @@
+"""Topology (process groups) and megatron-core CPU compatibility."""
