@@ -1,1 +1,18 @@
-"""Fused kernels (Triton) and their torch paths, imported as ``megatron_rl.kernels``."""
+"""Fused kernels (Triton) and their torch paths, imported as ``megatron_rl.kernels``.
+
+Nothing here imports triton at import time: the Triton backend is loaded on first use, so
+the CPU install never needs it.
+"""
+
+from .kl import KL_ESTIMATORS, kl_abs, kl_estimate, kl_k1, kl_k2, kl_k3
+from .linear_logprobs import linear_logprobs
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "kl_abs",
+    "kl_estimate",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "linear_logprobs",
+]
