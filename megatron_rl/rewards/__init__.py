@@ -1,0 +1,1 @@
+"""Reward functions (placeholder; API summary below once complete)."""

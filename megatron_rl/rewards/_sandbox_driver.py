@@ -1,0 +1,238 @@
+"""In-sandbox test driver: a standalone script (stdlib only; it is copied into the sandbox).
+
+Run as ``python -I driver.py job.json``. It first drops to the throw-away uid (when given)
+and sets resource limits, then reads one test index per line on stdin and answers one JSON
+line per test on stdout: ``{"i", "status", "stdout", "payload", "detail"}`` where status is
+done / error / timeout / output_limit / crashed. Each test runs in a fresh fork: stdin
+from a memfd holding the input, stdout into a capped pipe, a per-test CPU limit, and a
+wall-clock kill. After each test every process the code left behind is killed.
+
+It never sees expected outputs, so nothing the code does here can fake a pass.
+"""
+
+import json
+import os
+import resource
+import select
+import signal
+import sys
+import time
+import traceback
+import types
+
+
+def _count_my_processes(uid):
+    n = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat("/proc/" + name).st_uid == uid:
+                    n += 1
+            except OSError:
+                pass
+    return n
+
+
+def _harden(job):
+    uid = job.get("uid")
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        if os.getuid() != uid or os.geteuid() != uid:
+            raise SystemExit("uid drop failed")
+    lim = job["limits"]
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_AS, (lim["address_space_bytes"],) * 2)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lim["open_files"],) * 2)
+    # NPROC counts every process of this uid; without a fresh uid or namespace that
+    # includes the caller's own, so the budget is what exists now plus the allowance.
+    nproc = _count_my_processes(os.getuid()) + lim["nproc"]
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+
+
+def _kill_leftovers(job, pgid):
+    if job.get("kill_all"):
+        # Safe only with a PID namespace or a throw-away uid (the parent decides): this
+        # reaches exactly the processes the tests started, wherever they went.
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except OSError:
+            pass
+    if pgid:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def _jsonable(x):
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (set, frozenset)):
+        items = [_jsonable(v) for v in x]
+        try:
+            return sorted(items)
+        except TypeError:
+            return items
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return repr(x)
+
+
+def _run_code(job, i):
+    """Body of the test child; returns the status payload (result JSON, 'pass' or '')."""
+    code = compile(job["source"], "<solution>", "exec")
+    mode = job["mode"]
+    if mode == "stdio":
+        try:
+            exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+        except SystemExit:
+            pass
+        sys.stdout.flush()
+        return ""
+    mod = types.ModuleType("solution")
+    sys.modules["solution"] = mod
+    exec(code, mod.__dict__)
+    if mode == "call":
+        name = job["fn_name"]
+        cls = mod.__dict__.get("Solution")
+        fn = getattr(cls(), name) if cls is not None and hasattr(cls, name) else mod.__dict__[name]
+        return json.dumps(_jsonable(fn(*job["inputs"][i])))
+    ns = dict(mod.__dict__, __name__="__tests__")
+    exec(compile(job["test_code"][i], "<tests>", "exec"), ns)
+    entry = job.get("entry_point")
+    if entry and callable(ns.get("check")):
+        ns["check"](ns[entry])
+    for name, obj in list(ns.items()):
+        code_obj = getattr(obj, "__code__", None)
+        if name.startswith("test") and code_obj is not None and code_obj.co_filename == "<tests>":
+            obj()
+    return "pass"
+
+
+def _child(job, i, out_w, st_w):
+    os.setpgid(0, 0)
+    null = os.open(os.devnull, os.O_RDWR)
+    if job["mode"] == "stdio":
+        data = job["inputs"][i].encode("utf-8")
+        mfd = os.memfd_create("stdin")
+        os.write(mfd, data)  # before RLIMIT_FSIZE, which also caps memfd writes
+        os.lseek(mfd, 0, os.SEEK_SET)
+        os.dup2(mfd, 0)
+        os.dup2(out_w, 1)
+    else:
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+    os.dup2(null, 2)
+    # Only the status pipe survives: the code must not reach the driver's own channel.
+    os.closerange(3, st_w)
+    os.closerange(st_w + 1, 1 << 16)
+    sys.stdin = open(0, "r", encoding="utf-8", errors="replace", closefd=False)
+    sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
+    sys.stderr = open(2, "w", encoding="utf-8", closefd=False)
+    cpu = int(job["timeout_s"]) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    fsize = job["limits"]["file_size_bytes"]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    try:
+        payload = "ok\n" + _run_code(job, i)
+    except BaseException:
+        payload = "error\n" + traceback.format_exc(limit=-2)[-2000:]
+    try:
+        os.write(st_w, payload.encode("utf-8", "replace"))
+    except OSError:
+        pass
+    os._exit(0)
+
+
+def _drain(fd, buf, cap, deadline, pidfd):
+    """Read ``fd`` until EOF, cap, deadline or child exit; returns (status, child_exited)."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return "timeout", False
+        ready, _, _ = select.select([fd, pidfd], [], [], remaining)
+        if fd in ready:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return None, False
+            buf.extend(chunk)
+            if len(buf) > cap:
+                return "output_limit", False
+        elif pidfd in ready:
+            os.set_blocking(fd, False)
+            try:  # what the child wrote before exiting is still in the pipe
+                while len(buf) <= cap:
+                    chunk = os.read(fd, 1 << 16)
+                    if not chunk:
+                        break
+                    buf.extend(chunk)
+            except BlockingIOError:
+                pass
+            return ("output_limit" if len(buf) > cap else None), True
+
+
+def _run_test(job, i):
+    out_r, out_w = os.pipe()
+    st_r, st_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _child(job, i, out_w, st_w)
+        finally:
+            os._exit(1)
+    os.close(out_w)
+    os.close(st_w)
+    pidfd = os.pidfd_open(pid)
+    cap = job["limits"]["output_bytes"]
+    deadline = time.monotonic() + job["timeout_s"]
+    out, st = bytearray(), bytearray()
+    status, exited = _drain(out_r, out, cap, deadline, pidfd)
+    if status is None:
+        status, _ = _drain(st_r, st, cap + 4096, deadline, pidfd)
+    if status is None and not exited:
+        ready, _, _ = select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+        status = None if ready else "timeout"
+    try:
+        os.kill(pid, signal.SIGKILL)  # a zombie by now if it finished: harmless
+    except OSError:
+        pass
+    _, wstatus = os.waitpid(pid, 0)
+    _kill_leftovers(job, pid)
+    for fd in (out_r, st_r, pidfd):
+        os.close(fd)
+    kind, _, body = bytes(st).decode("utf-8", "replace").partition("\n")
+    rec = {"i": i, "stdout": out.decode("utf-8", "replace"), "payload": "", "detail": ""}
+    if status is not None:
+        rec["status"] = status
+    elif kind == "ok":
+        rec.update(status="done", payload=body)
+    elif kind == "error":
+        rec.update(status="error", detail=body)
+    else:
+        sig = os.WTERMSIG(wstatus) if os.WIFSIGNALED(wstatus) else None
+        rec.update(status="crashed", detail=f"signal {sig}" if sig else f"exit {wstatus >> 8}")
+    return rec
+
+
+def main():
+    with open(sys.argv[1], encoding="utf-8") as f:
+        job = json.load(f)
+    _harden(job)
+    for line in sys.stdin:
+        rec = _run_test(job, int(line))
+        sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    _kill_leftovers(job, 0)
+
+
+if __name__ == "__main__":
+    main()

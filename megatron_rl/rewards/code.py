@@ -1,0 +1,96 @@
+"""Code reward (DeepCoder semantics): 1.0 only when every test passes, else 0.0.
+
+The program is the last fenced Python block of the response (after ``</think>`` when the
+response closes a think block). Tests run one at a time in a sandbox
+(``sandbox_setup``/``sandbox``) and grading stops at the first failure, so a wrong or
+looping program costs one test's timeout, not all of them. Only the parent compares
+outputs; the sandbox never sees the expected answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from megatron_rl.rewards.code_tests import TestSpec, parse_tests, stdout_matches, values_match
+from megatron_rl.rewards.grade import CORRECT, Grade, fail
+from megatron_rl.rewards.sandbox import SandboxRun
+from megatron_rl.rewards.sandbox_setup import SandboxLimits, detect
+
+logger = logging.getLogger(__name__)
+
+# A fence, its language tag, the body up to the next fence. Blocks tagged with another
+# language (```cpp) are not Python answers and are skipped.
+_ANY_FENCE = re.compile(r"```[ \t]*([\w+#-]*)[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def extract_code(response: str) -> str | None:
+    """The last fenced Python (or untagged) block, after the last ``</think>`` if any."""
+    if "</think>" in response:
+        response = response.rsplit("</think>", 1)[1]
+    blocks = [
+        body for tag, body in _ANY_FENCE.findall(response)
+        if tag.lower() in ("", "python", "python3", "py")
+    ]
+    return blocks[-1] if blocks and blocks[-1].strip() else None
+
+
+def _test_passes(spec: TestSpec, i: int, rec: dict[str, Any]) -> bool:
+    if spec.mode == "stdio":
+        return stdout_matches(rec.get("stdout", ""), spec.expected[i])
+    if spec.mode == "call":
+        try:
+            got = json.loads(rec.get("payload", ""))
+        except ValueError:
+            return False
+        return values_match(got, spec.expected[i])
+    return rec.get("payload") == "pass"
+
+
+def grade_code(
+    response: str,
+    tests: dict[str, Any] | str,
+    *,
+    timeout_s: float = 6.0,
+    limits: SandboxLimits | None = None,
+    backend: str = "auto",
+) -> Grade:
+    """Grade ``response`` against ``tests``; see ``compute_score``. Raises DataError for
+    malformed tests; everything the program does becomes a zero Grade with a reason."""
+    spec = parse_tests(tests)
+    source = extract_code(response)
+    if source is None:
+        return fail("no_code_block")
+    setup = detect(backend)
+    job: dict[str, Any] = {"mode": spec.mode, "source": source, "inputs": spec.inputs,
+                           "timeout_s": float(timeout_s), "fn_name": spec.fn_name,
+                           "test_code": spec.test_code, "entry_point": spec.entry_point}
+    with SandboxRun(setup, job, limits or SandboxLimits()) as run:
+        for i in range(len(spec)):
+            rec = run.run_test(i, timeout_s)
+            if rec is None:
+                return fail(f"sandbox_lost: test {i} (the driver died or hung)")
+            status = rec.get("status")
+            if status == "error":
+                return fail(f"runtime_error: test {i}: {rec.get('detail', '')[-300:]}")
+            if status != "done":
+                return fail(f"{status}: test {i} {rec.get('detail', '')}".rstrip())
+            if not _test_passes(spec, i, rec):
+                return fail(f"wrong_answer: test {i}")
+    return CORRECT
+
+
+def compute_score(response: str, tests: dict[str, Any] | str, *, timeout_s: float = 6.0) -> float:
+    """1.0 if the response's last Python block passes every test, else 0.0.
+
+    ``tests`` is a stdin/stdout, call-based or assert-based test dict (``code_tests``).
+    ``timeout_s`` is the wall-clock limit per test (DeepCoder uses 6 s). The sandbox is the
+    strongest backend this machine offers (``sandbox_setup.detect``). Malformed tests raise
+    DataError; a failing, crashing or hostile program scores 0.0 and the reason is logged.
+    """
+    grade = grade_code(response, tests, timeout_s=timeout_s)
+    if grade.score == 0.0:
+        logger.debug("code reward 0: %s", grade.reason)
+    return grade.score
