@@ -21,7 +21,7 @@ actor/clipfrac_low             tokens with A < 0 and ratio < 1 - clip_low (no gr
 actor/clipfrac_high            tokens with A > 0 and ratio > 1 + clip_high (no gradient)
 actor/clipfrac_dual            tokens with A < 0 and ratio > dual_clip_c (no gradient)
 actor/ratio_mean               token mean of the policy ratio (1 on the first mini-batch)
-actor/ppo_kl                   token mean of old_logp - logp (k1 KL(old || new))
+actor/ppo_kl                   token mean of old_logp - logp (k1 KL(old || new); GSPO: -log s_i)
 actor/kl_loss                  KL-to-reference term before its coefficient (additive)
 actor/entropy                  entropy term before its coefficient (additive)
 actor/loss                     total loss (additive)
