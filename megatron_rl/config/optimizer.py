@@ -8,6 +8,8 @@ from megatron_rl.config.base import require
 
 @dataclass
 class OptimizerConfig:
+    name: Literal["adam", "sgd"] = "adam"
+    """AdamW (training) or plain SGD (exactness tests: the update is -lr * gradient)."""
     lr: float = 1e-6
     """Peak learning rate (DeepScaleR and DeepCoder both use 1e-6)."""
     min_lr: float = 0.0

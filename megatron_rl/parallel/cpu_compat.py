@@ -38,6 +38,7 @@ def apply() -> bool:
     _patch_causal_mask()
     _patch_rng_tracker()
     _patch_optimizer()
+    _patch_distrib_optimizer()
     _patch_pipeline()
     _APPLIED = True
     log.debug("megatron-core CPU compatibility patches applied")
@@ -134,9 +135,131 @@ def _patch_rng_tracker() -> None:
     tp_pkg.model_parallel_cuda_manual_seed = seeded
 
 
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "empty_like")
+
+
+def _cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, torch.device):
+        return torch.device("cpu") if device.type == "cuda" else device
+    if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")):
+        return torch.device("cpu")
+    return device
+
+
+class _CpuCuda:
+    """Stand-in for ``torch.cuda`` inside one megatron module: streams and syncs are no-ops."""
+
+    class _Stream:
+        def wait_stream(self, *_):
+            pass
+
+        def synchronize(self):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    def current_stream(self, *_):
+        return self._Stream()
+
+    def synchronize(self, *_):
+        pass
+
+    def current_device(self):
+        return "cpu"
+
+
+class _CpuTorch:
+    """Stand-in for ``torch`` inside one megatron module.
+
+    Tensor factories called with ``device="cuda"`` get the CPU instead, and ``torch.cuda``
+    stream/sync calls become no-ops. Installed as that module's ``torch`` global only, so
+    no other code sees it.
+    """
+
+    cuda = _CpuCuda()
+    FloatTensor = torch.FloatTensor  # distrib_optimizer checks main params' type against it
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            @functools.wraps(attr)
+            def factory(*args, device=None, **kwargs):
+                kwargs.pop("pin_memory", None)  # pinning needs CUDA
+                return attr(*args, device=_cpu_device(device), **kwargs)
+            return factory
+        return attr
+
+
+def _redirect(module) -> None:
+    module.torch = _CpuTorch()
+
+
 def _patch_optimizer() -> None:
-    """Distributed optimizer / DDP places (filled in as they are exercised)."""
+    # optimizer.py:481/907 device='cuda'; distrib_optimizer.py:431/642/940 cuda tensor types;
+    # clip_grads.py:167 a cuda-type assert; param_and_grad_buffer torch.cuda.current_stream().
+    import importlib
+
+    for name in (
+        "megatron.core.optimizer.optimizer",
+        "megatron.core.optimizer.distrib_optimizer",
+        "megatron.core.optimizer.clip_grads",
+        "megatron.core.distributed.param_and_grad_buffer",
+        "megatron.core.distributed.distributed_data_parallel",
+        "megatron.core.distributed.finalize_model_grads",
+        "megatron.core.utils",  # utils.py:1207 local_multi_tensor_l2_norm device="cuda"
+    ):
+        _redirect(importlib.import_module(name))
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """While active, ``tensor.type()`` reports CPU tensors under their CUDA type names."""
+    orig = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(out, str) and out.startswith("torch.") and "cuda" not in out:
+            return "torch.cuda." + out[len("torch."):]
+        return out
+
+    torch.Tensor.type = type_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = orig  # type: ignore[method-assign]
+
+
+def _patch_distrib_optimizer() -> None:
+    # distrib_optimizer.py:361/420/582 compare param.type() with 'torch.cuda.*Tensor' strings
+    # in __init__ and _build_model_and_main_param_groups: answer with CUDA names during them.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    orig_init = DistributedOptimizer.__init__
+    orig_build = DistributedOptimizer._build_model_and_main_param_groups
+
+    @functools.wraps(orig_init)
+    def init(self, *args, **kwargs):
+        with _cuda_type_names():
+            orig_init(self, *args, **kwargs)
+
+    @functools.wraps(orig_build)
+    def build(*args, **kwargs):
+        with _cuda_type_names():
+            return orig_build(*args, **kwargs)
+
+    DistributedOptimizer.__init__ = init  # type: ignore[method-assign]
+    DistributedOptimizer._build_model_and_main_param_groups = staticmethod(build)  # type: ignore[method-assign]
 
 
 def _patch_pipeline() -> None:
-    """Pipeline schedule places (filled in as they are exercised)."""
+    # schedules.py:596/983/2138 torch.zeros(device="cuda"); p2p shape exchange buffers.
+    import importlib
+
+    for name in (
+        "megatron.core.pipeline_parallel.schedules",
+        "megatron.core.pipeline_parallel.p2p_communication",
+    ):
+        _redirect(importlib.import_module(name))

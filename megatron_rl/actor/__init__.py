@@ -1,0 +1,1 @@
+"""The Megatron actor: model stages, optimizer, log-probs and the train step."""

@@ -1,0 +1,185 @@
+"""The Megatron actor: log-probs and the train step over megatron-core's pipeline schedules.
+
+The loss is the caller's: ``loss_fn(logp_BS, entropy_BS, mb) -> (loss, metrics)`` returns
+this micro-batch's *share* of a step loss whose normaliser is global (tokens or sequences of
+the whole step, across micro-batches and DP ranks; see ``megatron_rl.algos``). Megatron
+averages the loss over micro-batches and gradients over DP replicas; the actor multiplies
+by both counts so the gradient is exactly the sum of the shares, whatever the micro-batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from megatron_rl.actor.forward import (
+    MicroBatch,
+    output_weight,
+    return_hidden_states,
+    slice_for_cp,
+    token_logprobs,
+)
+from megatron_rl.actor.model import unwrap_gpt
+from megatron_rl.models.hf_config import ModelDims
+from megatron_rl.parallel.topology import Topology
+
+LossFn = Callable[[Tensor, Tensor | None, MicroBatch], tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports (identical on every rank)."""
+
+    metrics: dict[str, float]
+    """Sums over micro-batches and DP ranks of the loss_fn's metrics (and `loss`)."""
+    grad_norm: float
+    """Global gradient norm before clipping."""
+    skipped: bool
+    """True when the optimizer skipped the update (fp16 overflow)."""
+
+
+class Actor:
+    """A model (this rank's DDP-wrapped stage) plus, for training, its optimizer."""
+
+    def __init__(self, model: list[torch.nn.Module], dims: ModelDims, topo: Topology, optimizer=None):
+        from megatron.core.distributed import finalize_model_grads
+
+        self.model, self.dims, self.topo, self.optimizer = model, dims, topo, optimizer
+        self.gpt = unwrap_gpt(model[0])
+        return_hidden_states(self.gpt)
+        cfg = self.gpt.config
+        cfg.finalize_model_grads_func = finalize_model_grads
+        if hasattr(model[0], "no_sync"):
+            cfg.no_sync_func = model[0].no_sync
+        if optimizer is not None:
+            cfg.grad_scale_func = optimizer.scale_loss
+
+    # ------------------------------------------------------------------ schedule plumbing
+
+    def _run(self, mbs: list[MicroBatch], loss_fn: LossFn | None, *, forward_only: bool,
+             temperature: float, with_entropy: bool) -> list[dict[str, Tensor]]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        topo = self.topo
+        # Megatron divides the loss by #micro-batches and DDP averages over DP x CP (after
+        # the schedule multiplied by CP): undo both so gradients are plain sums of shares.
+        scale = float(len(mbs) * topo.dp)
+
+        def loss_func(mb: MicroBatch, labels: Tensor, hidden_BSH: Tensor):
+            logp, ent = token_logprobs(
+                hidden_BSH, output_weight(self.gpt), labels, vocab_size=self.dims.vocab_size,
+                temperature=temperature, tp_group=topo.tp_group if topo.tp > 1 else None,
+                with_entropy=with_entropy,
+            )
+            if loss_fn is None:
+                out = {"logp": logp.detach()}
+                if ent is not None:
+                    out["entropy"] = ent.detach()
+                return logp.sum() * 0.0, out
+            loss, metrics = loss_fn(logp, ent, mb)
+            metrics = {k: v.detach().float() for k, v in metrics.items()}
+            metrics["loss"] = loss.detach().float()
+            return loss * scale, metrics
+
+        def forward_step(data_iterator, model):
+            mb, labels, pos = slice_for_cp(next(data_iterator), topo.cp, topo.cp_rank)
+            hidden = model(mb.tokens_BS, pos, attention_mask=None)
+            return hidden, partial(loss_func, mb, labels)
+
+        b, s = mbs[0].tokens_BS.shape
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(mbs),
+            model=self.model,
+            num_microbatches=len(mbs),
+            seq_length=s // topo.cp,
+            micro_batch_size=b,
+            forward_only=forward_only,
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.no_grad()
+    def logprobs(self, mbs: list[MicroBatch], *, temperature: float = 1.0,
+                 with_entropy: bool = False) -> list[dict[str, Tensor]]:
+        """Per micro-batch {"logp": [B, S] (, "entropy")}, full sequences, on every rank.
+
+        Context-parallel parts are re-assembled and the last stage broadcasts to the others.
+        """
+        for m in self.model:
+            m.eval()
+        outs = self._run(mbs, None, forward_only=True, temperature=temperature, with_entropy=with_entropy)
+        return [self._share(outs[i] if outs else None, mbs[i]) for i in range(len(mbs))]
+
+    def _share(self, out: dict[str, Tensor] | None, mb: MicroBatch) -> dict[str, Tensor]:
+        import torch.distributed as dist
+
+        topo = self.topo
+        keys = ["logp", "entropy"] if out is None or "entropy" in out else ["logp"]
+        flag = [keys]
+        if topo.pp > 1:
+            dist.broadcast_object_list(flag, src=dist.get_global_rank(topo.pp_group, topo.pp - 1),
+                                       group=topo.pp_group)
+        result = {}
+        for k in flag[0]:
+            local = out[k] if out is not None else None
+            if topo.cp > 1 and local is not None:
+                local = _cp_unslice(local, topo)
+            if topo.pp > 1:
+                buf = local if local is not None else torch.empty(mb.tokens_BS.shape, dtype=torch.float32,
+                                                                  device=topo.device)
+                dist.broadcast(buf, src=dist.get_global_rank(topo.pp_group, topo.pp - 1), group=topo.pp_group)
+                local = buf
+            result[k] = local
+        return result
+
+    def train_step(self, mbs: list[MicroBatch], loss_fn: LossFn, *, temperature: float = 1.0,
+                   with_entropy: bool = False) -> StepResult:
+        """forward/backward over all micro-batches, then one optimizer update."""
+        assert self.optimizer is not None, "Actor built without an optimizer"
+        for m in self.model:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outs = self._run(mbs, loss_fn, forward_only=False, temperature=temperature, with_entropy=with_entropy)
+        ok, grad_norm, _ = self.optimizer.step()
+        return StepResult(metrics=self._reduce_metrics(outs), grad_norm=float(grad_norm or 0.0),
+                          skipped=not ok)
+
+    def _reduce_metrics(self, outs: list[dict[str, Tensor]]) -> dict[str, float]:
+        """Sum metrics over micro-batches, DP (and CP) ranks; broadcast from the last stage."""
+        import torch.distributed as dist
+
+        topo = self.topo
+        names = [sorted(outs[0])] if outs else [None]
+        if topo.pp > 1:
+            dist.broadcast_object_list(names, src=dist.get_global_rank(topo.pp_group, topo.pp - 1),
+                                       group=topo.pp_group)
+        names = names[0] or []
+        vec = torch.zeros(len(names), dtype=torch.float64, device=topo.device)
+        if outs:
+            for o in outs:
+                vec += torch.stack([o[n].double() for n in names])
+            if topo.dp * topo.cp > 1:
+                dist.all_reduce(vec, group=topo.dp_cp_group)
+        if topo.pp > 1:
+            dist.broadcast(vec, src=dist.get_global_rank(topo.pp_group, topo.pp - 1), group=topo.pp_group)
+        return dict(zip(names, vec.tolist()))
+
+
+def _cp_unslice(x_BS: Tensor, topo: Topology) -> Tensor:
+    """Inverse of ``cp_slice``: gather every CP rank's two chunks back into sequence order."""
+    import torch.distributed as dist
+
+    cp = topo.cp
+    parts = [torch.empty_like(x_BS) for _ in range(cp)]
+    dist.all_gather(parts, x_BS.contiguous(), group=topo.cp_group)
+    chunks: list[Tensor | None] = [None] * (2 * cp)
+    for r, p in enumerate(parts):
+        a, b = p.chunk(2, dim=1)
+        chunks[r], chunks[2 * cp - 1 - r] = a, b
+    return torch.cat(chunks, dim=1)  # type: ignore[arg-type]

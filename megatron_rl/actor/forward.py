@@ -1,0 +1,115 @@
+"""Token log-probs from a megatron GPT stage without building the [tokens x vocab] logits.
+
+The last pipeline stage's output layer is switched (on this model instance only) to return
+its input hidden states instead of logits; log-probs and entropy then come from
+``megatron_rl.kernels.linear_logprobs`` on the hidden states and the local vocabulary shard
+of the output weight. Context parallelism slices every per-token tensor the way megatron
+splits the sequence (2*cp chunks, rank r holding chunks r and 2*cp-1-r).
+
+Legend: B batch, S sequence (this CP rank's part when cp > 1), H hidden, V vocabulary.
+Per-token tensors are aligned with input positions: column t is about token t+1 (the label),
+so the last column of a row is padding.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as the actor sees it (right-padded, position-aligned)."""
+
+    tokens_BS: Tensor
+    """Token ids (prompt + response), int64."""
+    loss_mask_BS: Tensor
+    """1.0 where column t's label (token t+1) is a trained response token, else 0."""
+    old_logp_BS: Tensor | None = None
+    """Log-probs of the labels under the policy that sampled (or the last actor pass)."""
+    ref_logp_BS: Tensor | None = None
+    """Reference-model log-probs of the labels (KL penalty); None when kl_coef == 0."""
+    rollout_logp_BS: Tensor | None = None
+    """The rollout engine's log-probs of the labels (mismatch correction)."""
+    adv_BS: Tensor | None = None
+    """Advantage of each label token (a sample's advantage broadcast over its tokens)."""
+    weight_BS: Tensor | None = None
+    """Per-token importance weights from rollout correction (1 where none)."""
+
+    @property
+    def labels_BS(self) -> Tensor:
+        return torch.cat([self.tokens_BS[:, 1:], torch.zeros_like(self.tokens_BS[:, :1])], dim=1)
+
+    @property
+    def position_ids_BS(self) -> Tensor:
+        s = self.tokens_BS.shape[1]
+        return torch.arange(s, device=self.tokens_BS.device).expand_as(self.tokens_BS)
+
+
+def cp_slice(x_BS: Tensor, cp: int, cp_rank: int) -> Tensor:
+    """This CP rank's part of the sequence dim: chunks cp_rank and 2*cp-1-cp_rank of 2*cp."""
+    if cp == 1:
+        return x_BS
+    chunks = x_BS.chunk(2 * cp, dim=1)
+    return torch.cat([chunks[cp_rank], chunks[2 * cp - 1 - cp_rank]], dim=1)
+
+
+def slice_for_cp(mb: MicroBatch, cp: int, cp_rank: int) -> tuple[MicroBatch, Tensor, Tensor]:
+    """(micro-batch with every per-token field CP-sliced, labels, position ids)."""
+    if cp == 1:
+        return mb, mb.labels_BS, mb.position_ids_BS
+    labels, pos = cp_slice(mb.labels_BS, cp, cp_rank), cp_slice(mb.position_ids_BS, cp, cp_rank)
+    sliced = {f.name: cp_slice(getattr(mb, f.name), cp, cp_rank)
+              for f in fields(mb) if getattr(mb, f.name) is not None}
+    return replace(mb, **sliced), labels, pos
+
+
+def _hidden_states_forward(self, input_, weight=None, runtime_gather_output=None):
+    """ColumnParallelLinear.forward minus the matmul: returns (hidden, None).
+
+    ``linear_logprobs`` returns the complete hidden-state gradient on every TP rank (it
+    all-reduces it itself), so the TP-region copy the layer would apply must be left out
+    here, or the gradient would be summed twice. Under sequence parallel the shards are
+    all-gathered with a backward that only keeps this rank's slice of that gradient.
+    """
+    if self.sequence_parallel:
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        return gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False), None
+    return input_, None
+
+
+def return_hidden_states(gpt_model) -> None:
+    """Make the last stage's forward return hidden states [B, S, H] instead of logits."""
+    if gpt_model.post_process and not getattr(gpt_model.output_layer, "_returns_hidden", False):
+        gpt_model.output_layer.forward = types.MethodType(_hidden_states_forward, gpt_model.output_layer)
+        gpt_model.output_layer._returns_hidden = True
+
+
+def output_weight(gpt_model) -> Tensor:
+    """The local vocabulary shard [V_local, H] of the output layer (tied: the embedding)."""
+    if gpt_model.share_embeddings_and_output_weights:
+        return gpt_model.shared_embedding_or_output_weight()
+    return gpt_model.output_layer.weight
+
+
+def token_logprobs(
+    hidden_BSH: Tensor, weight_VH: Tensor, labels_BS: Tensor, *, vocab_size: int,
+    temperature: float = 1.0, tp_group=None, with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Label log-probs [B, S] (and entropy) over the true vocabulary, fp32.
+
+    Rows of the padded vocabulary (ids >= vocab_size) are excluded from the softmax: the
+    rollout engine never samples them, so counting them would bias every log-prob.
+    """
+    from megatron_rl.kernels import linear_logprobs
+
+    b, s, h = hidden_BSH.shape
+    logp_N, ent_N = linear_logprobs(
+        hidden_BSH.reshape(b * s, h), weight_VH, labels_BS.reshape(-1), temperature=temperature,
+        tp_group=tp_group, return_entropy=with_entropy,
+    )
+    return logp_N.view(b, s), (ent_N.view(b, s) if with_entropy and ent_N is not None else None)
