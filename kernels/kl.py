@@ -18,7 +18,9 @@ No fused kernel here, on purpose: the inputs are two ``[N]`` vectors of log-prob
 come from two different forward passes (policy and reference model, different weights and
 hidden states), so there is no vocabulary pass to share; the estimators are a handful of
 element-wise ops on O(N) data, already memory-trivial next to the output layer.
-``megatron_rl.algos.kl`` owns how KL enters the loss; these are the element-wise terms.
+``megatron_rl.algos.kl`` owns how KL enters the loss (masking, aggregation, detaching the
+reference); these element-wise terms are kept identical to its estimators, which
+tests/kernels/test_kernels_kl.py checks.
 
 Shape suffix: N tokens (any shape works; the ops are element-wise).
 """
@@ -53,24 +55,24 @@ def kl_abs(logprob_N: torch.Tensor, ref_logprob_N: torch.Tensor) -> torch.Tensor
     return (logprob_N - ref_logprob_N).abs()
 
 
-# Names as configs spell them; verl's aliases included.
+# The names megatron_rl.algos.kl accepts (``low_var_kl`` is verl's name for k3).
 KL_ESTIMATORS: dict[str, KLEstimator] = {
     "k1": kl_k1,
-    "kl": kl_k1,
     "k2": kl_k2,
-    "mse": kl_k2,
     "k3": kl_k3,
-    "low_var_kl": kl_k3,
     "abs": kl_abs,
+    "low_var_kl": kl_k3,
 }
 
 
-def kl_estimate(name: str, logprob_N: torch.Tensor, ref_logprob_N: torch.Tensor) -> torch.Tensor:
-    """Per-token KL estimate by estimator name (see ``KL_ESTIMATORS``)."""
+def kl_estimate(
+    logprob_N: torch.Tensor, ref_logprob_N: torch.Tensor, estimator: str = "k3"
+) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate by estimator name (see ``KL_ESTIMATORS``)."""
     try:
-        fn = KL_ESTIMATORS[name]
+        fn = KL_ESTIMATORS[estimator]
     except KeyError:
         raise ValueError(
-            f"unknown KL estimator {name!r}; choose one of {sorted(KL_ESTIMATORS)}"
+            f"unknown KL estimator {estimator!r}; choose one of {sorted(KL_ESTIMATORS)}"
         ) from None
     return fn(logprob_N, ref_logprob_N)

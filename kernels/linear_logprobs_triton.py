@@ -38,45 +38,27 @@ from ._softmax_stats import NEG_BIG, SoftmaxStats, matmul_f32, merge_splits
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _NEG: tl.constexpr = tl.constexpr(NEG_BIG)
 
-# fmt: off  (kernel signatures stay compact: one pointer/size/stride group per line)
 
-
+# Kernel signatures and calls stay compact (one group of pointers/sizes/strides per line):
+# fmt: off
 @triton.jit
 def _logits_tile(
-    hidden_ptr,
-    weight_ptr,
-    rows,
-    cols,
-    row_ok,
-    col_ok,
-    H,
-    inv_temp,
-    stride_hn,
-    stride_hh,
-    stride_wv,
-    stride_wh,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, H, inv_temp,
+    stride_hn, stride_hh, stride_wv, stride_wh,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """[BLOCK_N, BLOCK_V] scaled logits; invalid columns set to the finite -inf."""
+    """[BLOCK_N, BLOCK_V] scaled logits in fp32; invalid columns set to the finite -inf."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
         k_ok = ks < H
-        h = tl.load(
-            hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh,
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        # Loaded as [BLOCK_H, BLOCK_V]: the transposed weight tile, ready for the dot.
-        w = tl.load(
-            weight_ptr + cols[None, :].to(tl.int64) * stride_wv + ks[:, None] * stride_wh,
-            mask=col_ok[None, :] & k_ok[:, None],
-            other=0.0,
-        )
+        h = tl.load(hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # Loaded as [BLOCK_H, BLOCK_V], the transposed weight tile the dot wants; int64
+        # offsets because V * H passes 2^31 for large models.
+        w = tl.load(weight_ptr + cols[None, :].to(tl.int64) * stride_wv + ks[:, None] * stride_wh,
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         if UPCAST:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
@@ -89,30 +71,14 @@ def _logits_tile(
 
 @triton.jit
 def _forward_partials_kernel(
-    hidden_ptr,
-    weight_ptr,
-    labels_ptr,
-    max_ptr,
-    sumexp_ptr,
-    sumez_ptr,
-    target_ptr,
-    N,
-    H,
-    V,
-    vocab_start,
-    split_size,
-    inv_temp,
-    stride_hn,
-    stride_hh,
-    stride_wv,
-    stride_wh,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    WITH_ENTROPY: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    hidden_ptr, weight_ptr, labels_ptr,
+    max_ptr, sumexp_ptr, sumez_ptr, target_ptr,
+    N, H, V, vocab_start, split_size, inv_temp,
+    stride_hn, stride_hh, stride_wv, stride_wh,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """One (token block, vocabulary split): its partial softmax state, [S, N] outputs."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # int64: N*H may pass 2^31
@@ -128,27 +94,14 @@ def _forward_partials_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
-        z = _logits_tile(
-            hidden_ptr,
-            weight_ptr,
-            rows,
-            cols,
-            row_ok,
-            col_ok,
-            H,
-            inv_temp,
-            stride_hn,
-            stride_hh,
-            stride_wv,
-            stride_wh,
-            BLOCK_N,
-            BLOCK_V,
-            BLOCK_H,
-            UPCAST,
-            IEEE,
-        )
-        # The same fp32 value the max sees: log_prob = (t - m) - log S <= 0 exactly.
-        t += tl.sum(tl.where(cols[None, :] == target_col[:, None], z, 0.0), axis=1)
+        z = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, H, inv_temp,
+                         stride_hn, stride_hh, stride_wv, stride_wh,
+                         BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, IEEE)
+        # The same fp32 value the max sees: log_prob = (t - m) - log S <= 0 exactly. col_ok
+        # too: a masked column past the split's end may carry the id of a label that lies
+        # in the next split or on another TP rank, and must not contribute its -1e30.
+        is_target = (cols[None, :] == target_col[:, None]) & col_ok[None, :]
+        t += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         shift = m - m_new  # <= 0; _NEG at first, so exp(shift) = 0 and shift * s = 0
         scale = tl.exp(shift)
@@ -168,28 +121,11 @@ def _forward_partials_kernel(
 
 @triton.jit
 def _dlogits_kernel(
-    hidden_ptr,
-    weight_ptr,
-    labels_ptr,
-    lse_ptr,
-    mu_ptr,
-    glp_ptr,
-    gent_ptr,
-    dlogits_ptr,
-    N,
-    H,
-    chunk_len,
-    inv_temp,
-    stride_hn,
-    stride_hh,
-    stride_wv,
-    stride_wh,
-    stride_dn,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    hidden_ptr, weight_ptr, labels_ptr, lse_ptr, mu_ptr, glp_ptr, gent_ptr, dlogits_ptr,
+    N, H, chunk_len, inv_temp,
+    stride_hn, stride_hh, stride_wv, stride_wh, stride_dn,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """dL/d(hidden @ weight.T) for one vocabulary chunk (weight_ptr points at its first row)."""
     pid_n = tl.program_id(0)
@@ -198,40 +134,20 @@ def _dlogits_kernel(
     row_ok = rows < N
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
     col_ok = cols < chunk_len
-    z = _logits_tile(
-        hidden_ptr,
-        weight_ptr,
-        rows,
-        cols,
-        row_ok,
-        col_ok,
-        H,
-        inv_temp,
-        stride_hn,
-        stride_hh,
-        stride_wv,
-        stride_wh,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_H,
-        UPCAST,
-        IEEE,
-    )
+    z = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_ok, col_ok, H, inv_temp,
+                     stride_hn, stride_hh, stride_wv, stride_wh,
+                     BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, IEEE)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
     glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
     gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
-    # labels_ptr holds labels already shifted to this chunk's columns.
-    target_col = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    target_col = tl.load(labels_ptr + rows, mask=row_ok, other=-1)  # shifted to the chunk
     p = tl.exp(z - lse[:, None])
     d = p * (gent[:, None] * (mu[:, None] - z) - glp[:, None])
-    d += tl.where(cols[None, :] == target_col[:, None], glp[:, None], 0.0)
+    d += tl.where(cols[None, :] == target_col[:, None], glp[:, None], 0.0)  # col_ok: at store
     d = d * inv_temp
-    tl.store(
-        dlogits_ptr + rows[:, None] * stride_dn + cols[None, :],
-        d.to(dlogits_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & col_ok[None, :],
-    )
+    tl.store(dlogits_ptr + rows[:, None] * stride_dn + cols[None, :],
+             d.to(dlogits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # fmt: on
@@ -286,23 +202,14 @@ class TritonEngine:
         partial_4SN = torch.empty(4, n_splits, n_tokens, device=hidden_NH.device)
         if n_tokens:
             grid = (triton.cdiv(n_tokens, blocks["BLOCK_N"]), n_splits)
+            # fmt: off
             _forward_partials_kernel[grid](
-                hidden_NH,
-                weight_VH,
-                labels_N,
-                *partial_4SN,
-                n_tokens,
-                hidden,
-                vocab,
-                vocab_start,
-                split,
-                inv_temp,
-                *hidden_NH.stride(),
-                *weight_VH.stride(),
-                WITH_ENTROPY=with_entropy,
-                **_flags(hidden_NH.dtype),
-                **blocks,
+                hidden_NH, weight_VH, labels_N.contiguous(), *partial_4SN,
+                n_tokens, hidden, vocab, vocab_start, split, inv_temp,
+                *hidden_NH.stride(), *weight_VH.stride(),
+                WITH_ENTROPY=with_entropy, **_flags(hidden_NH.dtype), **blocks,
             )
+            # fmt: on
         return merge_splits(*partial_4SN)
 
     def backward_grads(
@@ -330,25 +237,15 @@ class TritonEngine:
             if n_tokens:
                 grid = (triton.cdiv(n_tokens, block_n), triton.cdiv(c1 - c0, block_v))
                 # The sliced weight's pointer carries the chunk offset (64-bit, in torch).
+                # fmt: off
                 _dlogits_kernel[grid](
-                    hidden_NH,
-                    weight_VH[c0:c1],
-                    labels_N - (vocab_start + c0),
-                    lse_N,
-                    mu_N,
-                    g_logprob_N,
-                    g_entropy_N,
-                    dlogits_NC,
-                    n_tokens,
-                    hidden,
-                    c1 - c0,
-                    inv_temp,
-                    *hidden_NH.stride(),
-                    *weight_VH.stride(),
-                    dlogits_NC.stride(0),
-                    **_flags(hidden_NH.dtype),
-                    **blocks,
+                    hidden_NH, weight_VH[c0:c1], labels_N - (vocab_start + c0), lse_N, mu_N,
+                    g_logprob_N, g_entropy_N, dlogits_NC,
+                    n_tokens, hidden, c1 - c0, inv_temp,
+                    *hidden_NH.stride(), *weight_VH.stride(), dlogits_NC.stride(0),
+                    **_flags(hidden_NH.dtype), **blocks,
                 )
+                # fmt: on
             if dhidden32_NH is not None:  # summed over chunks: keep the sum in fp32
                 dhidden32_NH += matmul_f32(dlogits_NC, weight_VH[c0:c1].to(d_dtype))
             if dweight_VH is not None:  # one GEMM per chunk: rounded once, like eager
