@@ -1,0 +1,144 @@
+"""The embedded engine's sampling: SGLang's ``sampling_params`` parsed, then one token per row.
+
+Legend: B = rows in the batch, V = vocabulary size.
+
+Rules reproduced from SGLang (v0.5.4, ``sampling_params.py`` and ``layers/sampler.py``):
+- temperature in [0, 1e-6) means greedy: SGLang rewrites it to temperature 1 and top_k 1;
+  greedy here is the argmax of the logits.
+- otherwise probs = softmax(logits / temperature); sorted descending, a token is dropped when
+  the mass of the tokens strictly before it already exceeds top_p or when its rank is >= top_k
+  (both judged on the untruncated probs); the rest is renormalised and one token is drawn.
+- the returned log-prob is log softmax(logits / temperature) at the drawn token, over the
+  full vocabulary (top-k/top-p truncation does not change it); with
+  ``original_logprobs=True`` (SGLANG_RETURN_ORIGINAL_LOGPROB) it is log softmax(logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+GREEDY_EPS = 1e-6  # SGLang's _SAMPLING_EPS
+
+# Accepted SGLang sampling fields the engine does not implement, with their no-op values.
+_NEUTRAL = {
+    "min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
+    "min_new_tokens": 0, "json_schema": None, "regex": None, "ebnf": None, "structural_tag": None,
+    "logit_bias": None, "custom_params": None, "stop_regex": None,
+}
+_IGNORED = {"skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "stream_interval"}
+
+
+class BadRequest(ValueError):
+    """A request the engine refuses; the HTTP layer answers 400 with this message."""
+
+
+@dataclass
+class RequestParams:
+    """One request's validated sampling parameters."""
+
+    temperature: float = 1.0
+    greedy: bool = False
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 128
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: set[int] = field(default_factory=set)
+    ignore_eos: bool = False
+    n: int = 1
+    seed: int | None = None
+
+
+def _number(d: dict[str, Any], key: str, default: float, kind: type) -> Any:
+    value = d.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise BadRequest(f"sampling_params.{key} must be a{'n integer' if kind is int else ' number'}, got {value!r}.")
+    return kind(value)
+
+
+def parse_sampling_params(raw: Any, vocab_size: int) -> RequestParams:
+    """Validate an SGLang ``sampling_params`` object; BadRequest names the offending field."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise BadRequest(f"sampling_params must be an object, got {type(raw).__name__}.")
+    known = set(_NEUTRAL) | _IGNORED | {
+        "temperature", "top_p", "top_k", "max_new_tokens", "stop", "stop_token_ids",
+        "ignore_eos", "n", "sampling_seed"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise BadRequest(f"Unknown sampling_params field(s) {unknown}; known: {sorted(known)}.")
+    for key, neutral in _NEUTRAL.items():
+        if raw.get(key, neutral) not in (neutral, None):
+            raise BadRequest(f"sampling_params.{key}={raw[key]!r} is not supported by the embedded engine "
+                             f"(only the neutral value {neutral!r}); use SGLang for it.")
+    p = RequestParams(
+        temperature=_number(raw, "temperature", 1.0, float), top_p=_number(raw, "top_p", 1.0, float),
+        top_k=_number(raw, "top_k", -1, int), max_new_tokens=_number(raw, "max_new_tokens", 128, int),
+        n=_number(raw, "n", 1, int), ignore_eos=bool(raw.get("ignore_eos") or False))
+    seed = raw.get("sampling_seed")
+    if seed is not None:
+        p.seed = _number(raw, "sampling_seed", 0, int)
+    if not (p.temperature >= 0 and p.temperature != float("inf")):
+        raise BadRequest(f"temperature must be a non-negative finite number, got {p.temperature}.")
+    if not 0.0 < p.top_p <= 1.0:
+        raise BadRequest(f"top_p must be in (0, 1], got {p.top_p}.")
+    if p.top_k == 0 or p.top_k < -1:
+        raise BadRequest(f"top_k must be -1 (disable) or at least 1, got {p.top_k}.")
+    if p.max_new_tokens < 0:
+        raise BadRequest(f"max_new_tokens must be at least 0, got {p.max_new_tokens}.")
+    if not 1 <= p.n <= 1024:
+        raise BadRequest(f"n must be in [1, 1024], got {p.n}.")
+    stop = raw.get("stop") or []
+    p.stop = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) and s for s in p.stop):
+        raise BadRequest(f"stop must be a string or a list of non-empty strings, got {stop!r}.")
+    ids = raw.get("stop_token_ids") or []
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise BadRequest(f"stop_token_ids must be a list of token ids, got {ids!r}.")
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise BadRequest(f"stop_token_ids must be in [0, {vocab_size}), got {ids}.")
+    p.stop_token_ids = set(ids)
+    if p.temperature < GREEDY_EPS:
+        p.greedy, p.temperature, p.top_k = True, 1.0, 1
+    return p
+
+
+def sample_rows(
+    logits_BV: torch.Tensor,
+    params: list[RequestParams],
+    generators: list[torch.Generator | None],
+    *,
+    original_logprobs: bool = False,
+) -> tuple[list[int], list[float]]:
+    """Draw one token per row; returns (token ids, their log-probs per the module rules)."""
+    logits_BV = logits_BV.float()
+    vocab = logits_BV.shape[-1]
+    temps_B1 = torch.tensor([p.temperature for p in params], dtype=torch.float32).unsqueeze(1)
+    logp_BV = torch.log_softmax(logits_BV / temps_B1, dim=-1)
+    raw_logp_BV = torch.log_softmax(logits_BV, dim=-1) if original_logprobs else logp_BV
+    greedy_B = logits_BV.argmax(dim=-1)
+    tokens: list[int] = []
+    for row, (p, gen) in enumerate(zip(params, generators)):
+        if p.greedy:
+            tokens.append(int(greedy_B[row]))
+            continue
+        probs_V = logp_BV[row].exp()
+        if p.top_k != -1 and p.top_k < vocab or p.top_p < 1.0:
+            sorted_V, order_V = probs_V.sort(descending=True)
+            mass_before_V = sorted_V.cumsum(0) - sorted_V  # on the untruncated probs, as SGLang
+            if p.top_p < 1.0:
+                sorted_V[mass_before_V > p.top_p] = 0.0
+            if p.top_k != -1:
+                sorted_V[p.top_k:] = 0.0
+            pick = int(torch.multinomial(sorted_V, 1, generator=gen))
+            tokens.append(int(order_V[pick]))
+        else:
+            tokens.append(int(torch.multinomial(probs_V, 1, generator=gen)))
+    index_B = torch.tensor(tokens, dtype=torch.long)
+    chosen = raw_logp_BV.gather(1, index_B.unsqueeze(1)).squeeze(1)
+    return tokens, chosen.tolist()
