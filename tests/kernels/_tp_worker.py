@@ -19,9 +19,8 @@ if not torch.cuda.is_available():
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_linear_logprobs_tp import TEMPERATURE, tp_inputs  # noqa: E402
-
 from megatron_rl.kernels import linear_logprobs  # noqa: E402
+from test_linear_logprobs_tp import TEMPERATURE, tp_inputs  # noqa: E402
 
 
 def main() -> None:

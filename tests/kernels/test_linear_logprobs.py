@@ -17,12 +17,12 @@ import sys
 
 import pytest
 import torch
-
-from megatron_rl.errors import DataError
 from megatron_rl.kernels import linear_logprobs
 from megatron_rl.kernels.linear_logprobs import LinearLogprobsFunction
 from megatron_rl.kernels.linear_logprobs_torch import TorchEngine
 from megatron_rl.kernels.reference import linear_logprobs_reference
+
+from megatron_rl.errors import DataError
 
 TEMPERATURES = (0.5, 1.0, 1.7)
 TORCH_SHAPE = (300, 64, 5003)  # N, H, V
@@ -58,7 +58,13 @@ def make_inputs(n: int, h: int, v: int, seed: int = 0, logit_std: float = 3.0):
     weight_VH = torch.randn(v, h, generator=gen) * (logit_std / h**0.5)
     labels_N = torch.randint(0, v, (n,), generator=gen)
     labels_N[0], labels_N[1] = 0, v - 1
-    return hidden_NH, weight_VH, labels_N, torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    return (
+        hidden_NH,
+        weight_VH,
+        labels_N,
+        torch.randn(n, generator=gen),
+        torch.randn(n, generator=gen),
+    )
 
 
 def run_fused(engine, hidden_NH, weight_VH, labels_N, temperature, g_lp_N, g_ent_N):
@@ -177,7 +183,9 @@ def test_public_api_single_outputs(backend):
     lp, ent = linear_logprobs(h, w, labels, temperature=1.3, return_entropy=False, backend=backend)
     assert ent is None
     (lp * g_lp).sum().backward()
-    for name, g, r in zip(("logprobs", "dhidden", "dweight"), (lp, h.grad, w.grad), ref[::2] + ref[3:]):
+    for name, g, r in zip(
+        ("logprobs", "dhidden", "dweight"), (lp, h.grad, w.grad), ref[::2] + ref[3:]
+    ):
         assert rel_err(g.detach(), r) <= 1e-5, name
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from megatron_rl.kernels import linear_logprobs
 
 TEMPERATURE = 0.7
@@ -30,7 +29,13 @@ def tp_inputs(world: int):
     weight_VH = torch.randn(vocab, H, generator=gen) * (3.0 / H**0.5)
     labels_N = torch.randint(0, vocab, (N,), generator=gen)
     labels_N[:4] = torch.tensor([0, V_LOCAL - 1, V_LOCAL, vocab - 1])
-    return hidden_NH, weight_VH, labels_N, torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    return (
+        hidden_NH,
+        weight_VH,
+        labels_N,
+        torch.randn(N, generator=gen),
+        torch.randn(N, generator=gen),
+    )
 
 
 def _free_port() -> int:
