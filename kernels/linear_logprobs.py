@@ -26,6 +26,9 @@ With sequence parallelism, gather the sequence-sharded hidden first with
 ``gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)``: its
 backward then just keeps this rank's slice of the already-complete dhidden (with the default
 ``True`` it would reduce-scatter, i.e. sum the complete gradient TP times).
+A padded output layer (Megatron pads the vocabulary to a multiple of 128 * TP): pass
+``vocab_size``; rows with global id >= vocab_size are left out of the softmax and get zero
+gradient, and a rank whose shard is all padding still takes part in the collectives.
 The outputs' upstream gradients must be the same on every rank (they are when the loss is
 computed from the replicated outputs, as usual).
 
@@ -123,6 +126,7 @@ def linear_logprobs(
     tp_group: dist.ProcessGroup | None = None,
     return_entropy: bool = True,
     backend: Backend = "auto",
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of ``labels`` and entropy under ``softmax(hidden @ weight.T / temperature)``.
 
@@ -130,12 +134,15 @@ def linear_logprobs(
         hidden: ``[N, H]`` hidden states entering the output layer (fp32, fp16 or bf16).
         weight: ``[V, H]`` output-layer weight, this rank's vocabulary shard under TP;
             same dtype and device as ``hidden``.
-        labels: ``[N]`` integer global token ids in ``[0, V * tp_size)``.
+        labels: ``[N]`` integer global token ids in ``[0, vocab_size or V * tp_size)``.
         temperature: divides the logits (> 0); the rollout engine's sampling temperature.
         tp_group: the tensor-parallel group the vocabulary is sharded over; None: no TP.
             Gradient contract: see the module docstring (dhidden comes back complete).
         return_entropy: False skips the entropy reduction and returns None for it.
         backend: "torch", "triton", or "auto" (triton for CUDA tensors, torch otherwise).
+        vocab_size: the true global vocabulary; rows of a padded output layer (global ids
+            >= vocab_size, zero rows Megatron adds for TP) are left out of the softmax, as
+            the rollout engine never samples them. None: every row counts.
 
     Returns:
         ``(logprobs [N], entropy [N] or None)``, fp32; log-probs <= 0 and entropy >= 0.
@@ -144,8 +151,18 @@ def linear_logprobs(
     tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
     tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
     vocab_start = tp_rank * weight.shape[0]
+    total_vocab = weight.shape[0] * tp_size
+    if vocab_size is not None and not 0 < vocab_size <= total_vocab:
+        raise ValueError(
+            f"vocab_size must be in [1, {total_vocab}] (V * tp_size); got {vocab_size}"
+        )
+    if vocab_size is not None and vocab_size < total_vocab:
+        # Shards keep their offsets (r * V_local); only the tail rows are dropped, and a
+        # slice of the parameter still routes gradients to it (zero for the padding).
+        weight = weight[: max(0, min(weight.shape[0], vocab_size - vocab_start))]
+        total_vocab = vocab_size
     if labels.device.type == "cpu":  # free to check here; on GPU it would cost a sync
-        _check_label_range(labels, weight.shape[0] * tp_size)
+        _check_label_range(labels, total_vocab)
     logprobs, entropy = LinearLogprobsFunction.apply(
         hidden,
         weight,

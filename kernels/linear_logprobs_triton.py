@@ -176,7 +176,7 @@ def _split_size(n_tokens: int, vocab: int, device: torch.device, block_n: int, b
 
 def _dlogits_chunk(hidden: int, vocab: int) -> int:
     """Vocabulary per backward chunk: dlogits [N, C] is ~4x the hidden states' size."""
-    return min(vocab, max(1024, triton.cdiv(4 * hidden, 256) * 256))
+    return max(1, min(vocab, max(1024, triton.cdiv(4 * hidden, 256) * 256)))
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ class TritonEngine:
         split = self.split_size or _split_size(
             n_tokens, vocab, hidden_NH.device, blocks["BLOCK_N"], blocks["BLOCK_V"]
         )
-        n_splits = triton.cdiv(vocab, split)
+        n_splits = max(1, triton.cdiv(vocab, split))  # >= 1: a shard may be all padding
         partial_4SN = torch.empty(4, n_splits, n_tokens, device=hidden_NH.device)
         if n_tokens:
             grid = (triton.cdiv(n_tokens, blocks["BLOCK_N"]), n_splits)

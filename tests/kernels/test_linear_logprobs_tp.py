@@ -21,21 +21,21 @@ TEMPERATURE = 0.7
 N, H, V_LOCAL = 29, 40, 515  # tiny: the Triton backend runs under the interpreter on CPU
 
 
-def tp_inputs(world: int):
-    """Full inputs, identical in every process; labels on both sides of shard edges."""
+def tp_inputs(world: int, vocab_size: int | None):
+    """Full inputs, identical in every process; labels on both sides of shard edges.
+
+    ``vocab_size`` < world * V_LOCAL: the trailing rows are padding (left out of the softmax).
+    """
     gen = torch.Generator().manual_seed(1234)
-    vocab = world * V_LOCAL
+    padded = world * V_LOCAL
+    valid = vocab_size or padded
     hidden_NH = torch.randn(N, H, generator=gen)
-    weight_VH = torch.randn(vocab, H, generator=gen) * (3.0 / H**0.5)
-    labels_N = torch.randint(0, vocab, (N,), generator=gen)
-    labels_N[:4] = torch.tensor([0, V_LOCAL - 1, V_LOCAL, vocab - 1])
-    return (
-        hidden_NH,
-        weight_VH,
-        labels_N,
-        torch.randn(N, generator=gen),
-        torch.randn(N, generator=gen),
-    )
+    weight_VH = torch.randn(padded, H, generator=gen) * (3.0 / H**0.5)
+    labels_N = torch.randint(0, valid, (N,), generator=gen)
+    edges = [0, V_LOCAL - 1, V_LOCAL, valid - 1]
+    labels_N[:4] = torch.tensor([min(e, valid - 1) for e in edges])
+    g_lp_N, g_ent_N = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    return hidden_NH, weight_VH, labels_N, g_lp_N, g_ent_N
 
 
 def _free_port() -> int:
@@ -49,8 +49,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_tp2_equals_tp1(backend, tmp_path):
+@pytest.mark.parametrize(
+    "backend, vocab_size",
+    [
+        ("torch", None),
+        ("triton", None),
+        ("torch", 2 * V_LOCAL - 37),  # rank 1's shard ends in padding rows
+        ("triton", V_LOCAL),  # rank 1's shard is all padding
+    ],
+)
+def test_tp2_equals_tp1(backend, vocab_size, tmp_path):
     if backend == "triton":
         pytest.importorskip("triton")
     world, port = 2, _free_port()
@@ -58,7 +66,16 @@ def test_tp2_equals_tp1(backend, tmp_path):
     outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(worker), str(r), str(world), str(port), backend, str(outs[r])],
+            [
+                sys.executable,
+                str(worker),
+                str(r),
+                str(world),
+                str(port),
+                backend,
+                str(vocab_size),
+                str(outs[r]),
+            ],
             env=dict(os.environ, OMP_NUM_THREADS="1"),  # two processes share two cores
         )
         for r in range(world)
@@ -66,9 +83,11 @@ def test_tp2_equals_tp1(backend, tmp_path):
     for p in procs:
         assert p.wait(timeout=240) == 0, "a TP worker failed (its traceback is above)"
 
-    hidden, weight, labels, g_lp, g_ent = tp_inputs(world)
+    hidden, weight, labels, g_lp, g_ent = tp_inputs(world, vocab_size)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    lp, ent = linear_logprobs(h, w, labels, temperature=TEMPERATURE, backend=backend)
+    lp, ent = linear_logprobs(
+        h, w, labels, temperature=TEMPERATURE, backend=backend, vocab_size=vocab_size
+    )
     (lp * g_lp + ent * g_ent).sum().backward()
 
     ranks = [torch.load(o) for o in outs]
@@ -79,3 +98,6 @@ def test_tp2_equals_tp1(backend, tmp_path):
     # Replicated results must agree across ranks bit for bit, or replicas drift apart.
     assert torch.equal(ranks[0][0], ranks[1][0]) and torch.equal(ranks[0][2], ranks[1][2])
     assert _rel(torch.cat([r[3] for r in ranks]), w.grad) <= 1e-5
+    if vocab_size is not None:  # padding rows: outside the softmax, so no gradient
+        assert (w.grad[vocab_size:] == 0).all()
+        assert (torch.cat([r[3] for r in ranks])[vocab_size:] == 0).all()
