@@ -64,10 +64,24 @@ def _kill_leftovers(job, pgid):
             os.killpg(pgid, signal.SIGKILL)
         except OSError:
             pass
+    # As the subreaper, the driver inherits every orphan: reap them so none lingers as a
+    # zombie. Blocking is safe only when everything was just SIGKILLed.
+    flags = 0 if job.get("kill_all") else os.WNOHANG
     try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
+        while os.waitpid(-1, flags)[0]:
             pass
     except ChildProcessError:
+        pass
+
+
+def _become_subreaper():
+    # PR_SET_CHILD_SUBREAPER: orphans of the code reparent to the driver, not to the
+    # host's init, so they are reaped here and never escape the driver's bookkeeping.
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+    except (OSError, AttributeError):
         pass
 
 
@@ -227,6 +241,7 @@ def main():
     with open(sys.argv[1], encoding="utf-8") as f:
         job = json.load(f)
     _harden(job)
+    _become_subreaper()
     for line in sys.stdin:
         rec = _run_test(job, int(line))
         sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")

@@ -75,6 +75,17 @@ def to_sympy_text(norm: str) -> str | None:
     return s
 
 
+def _has_huge_power(expr: object) -> bool:
+    """Towers (2^{2^{100}}) and big exponents: evaluating them hangs in C code."""
+    import sympy
+
+    for p in sympy.preorder_traversal(expr):
+        if isinstance(p, sympy.Pow):
+            if p.exp.has(sympy.Pow) or (p.exp.is_Number and abs(p.exp) > 10_000):
+                return True
+    return False
+
+
 def sympy_compare(pred_norm: str, gt_norm: str) -> bool | None:
     """Symbolic verdict on two simple expressions: True/False when sympy can decide, None
     when either is outside the subset or undecided (then math-verify gets to say).
@@ -95,6 +106,9 @@ def sympy_compare(pred_norm: str, gt_norm: str) -> bool | None:
     # Only whitelisted names and operator characters reach parse_expr (it evaluates text).
     transforms = standard_transformations + (implicit_multiplication_application,)
     try:
+        for txt in (a_txt, b_txt):
+            if _has_huge_power(parse_expr(txt, transformations=transforms, evaluate=False)):
+                return None
         a = parse_expr(a_txt, transformations=transforms, evaluate=True)
         b = parse_expr(b_txt, transformations=transforms, evaluate=True)
         if a.is_Integer and b.is_Integer:

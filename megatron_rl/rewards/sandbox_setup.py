@@ -74,9 +74,14 @@ class Protections:
     kill_leftovers: bool = False
     pid_namespace: bool = False
     network_isolated: bool = False
-    fs_writes_confined: bool = False
+    host_fs_readonly: bool = False
+    """No write anywhere on the host, world-writable /tmp included."""
+    caller_files_protected: bool = False
+    """The caller's own files cannot be changed (other uid, or read-only mounts)."""
     host_files_hidden: bool = False
+    """Only system directories and the interpreter are visible (datasets, /root are not)."""
     parent_unreachable: bool = False
+    """The code can neither signal nor read the environment of the grader's processes."""
 
     def describe(self) -> str:
         """One line: the backend, then every protection as +name (active) or -name."""
@@ -156,10 +161,11 @@ def _protections(backend: str, drop_uid: bool) -> Protections:
     root = os.getuid() == 0
     if backend == "bwrap":
         return Protections(backend, uid_drop=drop_uid, nproc_enforced=True, kill_leftovers=True,
-                           pid_namespace=True, network_isolated=True, fs_writes_confined=True,
-                           host_files_hidden=True, parent_unreachable=True)
+                           pid_namespace=True, network_isolated=True, host_fs_readonly=True,
+                           caller_files_protected=True, host_files_hidden=True,
+                           parent_unreachable=True)
     return Protections(backend, uid_drop=drop_uid, nproc_enforced=drop_uid or not root,
-                       kill_leftovers=drop_uid, fs_writes_confined=drop_uid,
+                       kill_leftovers=drop_uid, caller_files_protected=drop_uid,
                        parent_unreachable=drop_uid)
 
 

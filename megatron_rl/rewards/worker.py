@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import resource
 import select
 import struct
 import subprocess
@@ -36,8 +37,12 @@ _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 class WorkerProcess:
     """One supervised worker process; ``call`` is thread-safe (calls are serialised)."""
 
-    def __init__(self, startup_timeout_s: float = 120.0) -> None:
+    def __init__(self, startup_timeout_s: float = 120.0,
+                 memory_limit_bytes: int | None = 4 << 30) -> None:
+        """``memory_limit_bytes`` caps the worker's address space (RLIMIT_AS): a grader
+        expanding a huge number fails with MemoryError instead of exhausting the host."""
         self._startup_timeout_s = startup_timeout_s
+        self._memory_limit = memory_limit_bytes
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self.restarts = 0
@@ -78,7 +83,8 @@ class WorkerProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PKG_ROOT, env.get("PYTHONPATH")]))
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "megatron_rl.rewards._worker_main"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "megatron_rl.rewards._worker_main",
+             str(self._memory_limit or 0)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=env, close_fds=True)
         assert self._proc.stdout is not None
         kind, _ = _recv(self._proc.stdout, time.monotonic() + self._startup_timeout_s)
@@ -139,8 +145,13 @@ def _resolve(target: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def main() -> None:
-    """Worker loop: answer each request with ("ok", result) or ("error", text)."""
+def main(argv: list[str] | None = None) -> None:
+    """Worker loop: answer each request with ("ok", result) or ("error", text).
+
+    ``argv[0]``, if given and non-zero, is the address-space limit in bytes."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and int(args[0]) > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (int(args[0]), int(args[0])))
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # prints inside graders must not corrupt the reply channel
     inp = sys.stdin.buffer
