@@ -110,6 +110,6 @@ def token_logprobs(
     b, s, h = hidden_BSH.shape
     logp_N, ent_N = linear_logprobs(
         hidden_BSH.reshape(b * s, h), weight_VH, labels_BS.reshape(-1), temperature=temperature,
-        tp_group=tp_group, return_entropy=with_entropy,
+        tp_group=tp_group, return_entropy=with_entropy, vocab_size=vocab_size,
     )
     return logp_N.view(b, s), (ent_N.view(b, s) if with_entropy and ent_N is not None else None)

@@ -114,3 +114,30 @@ def unwrap_gpt(module: torch.nn.Module) -> torch.nn.Module:
     from megatron_rl.weights.live import unwrap
 
     return unwrap(module)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The HF directory describing a model: the path itself, or a checkpoint's `hf/` copy."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if (p / "hf" / "config.json").is_file():
+        return p / "hf"
+    if not p.exists():
+        raise CheckpointError(f"Model path `{p}` does not exist.")
+    raise CheckpointError(
+        f"`{p}` is neither a Hugging Face model directory (no config.json) nor a megatron-rl "
+        "checkpoint (no hf/config.json): point `--model` at one of those."
+    )
+
+
+def load_model_weights(model: list[torch.nn.Module], path: str | Path, dims: ModelDims,
+                       par: ParallelConfig, model_cfg: ModelConfig, topo: Topology) -> None:
+    """Fill the model from an HF directory or a megatron-rl (distributed) checkpoint."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        load_hf_weights(model, p, dims, par, model_cfg, topo)
+        return
+    from megatron_rl.checkpoint import load_model_only
+
+    load_model_only(p, model)
