@@ -55,7 +55,7 @@ class ServerClient:
                 raw = await resp.read()
                 status = resp.status
         except TimeoutError:
-            raise ServerUnavailable(f"no answer to {path} within {timeout.total:.0f} s") from None
+            raise ServerUnavailable(f"no answer to {path} within {timeout.total:g} s") from None
         except aiohttp.ClientError as e:
             raise ServerUnavailable(f"{type(e).__name__}: {e}") from None
         text = raw.decode("utf-8", errors="replace")

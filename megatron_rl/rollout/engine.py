@@ -365,6 +365,11 @@ class EmbeddedEngine:
 
 
 def _load_tokenizer(model_path: str) -> Any:
+    # transformers builds an empty tokenizer for a directory without tokenizer files; that
+    # would decode everything to "": treat such a model as token-ids-only instead.
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if not any((Path(model_path) / n).exists() for n in names):
+        return None
     try:
         from transformers import AutoTokenizer
 

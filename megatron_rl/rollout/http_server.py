@@ -274,7 +274,8 @@ async def destroy_group(request: web.Request) -> web.Response:
     return web.json_response({"success": True, "message": "Succeeded to destroy custom process group."})
 
 
-def build_app(engine: EmbeddedEngine) -> web.Application:
+def build_app(engine: EmbeddedEngine, *, stop_engine_on_shutdown: bool = True) -> web.Application:
+    """The aiohttp app serving ``engine``; by default shutting the app down stops the engine."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
     app[ENGINE_KEY] = engine
     both = ("GET", "POST")
@@ -294,7 +295,8 @@ def build_app(engine: EmbeddedEngine) -> web.Application:
     for methods, path, handler in routes:
         for method in methods:
             app.router.add_route(method, path, handler)
-    app.on_shutdown.append(_on_shutdown)
+    if stop_engine_on_shutdown:
+        app.on_shutdown.append(_on_shutdown)
     return app
 
 

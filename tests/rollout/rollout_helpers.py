@@ -1,0 +1,47 @@
+"""Helpers shared by rollout and weight-sync tests: free ports, serve processes, the tiny model.
+
+Every server binds 127.0.0.1 on a free port and is stopped (process group SIGTERM, then
+SIGKILL) in a ``finally``, whatever the test does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+TINY = dict(vocab=1000, layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, tie=True)
+"""Keyword arguments of tests/helpers/tiny_models.make_tiny_hf for the rollout tests' Qwen2."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_processes(model_dir: Path, count: int, tmp_path: Path, timeout_s: float = 90.0) -> Iterator[list]:
+    """``count`` ``python -m megatron_rl.rollout.serve`` processes, healthy, stopped on exit."""
+    from megatron_rl.rollout.servers import (
+        LaunchSpec,
+        embedded_command,
+        start_process,
+        stop_process,
+        wait_healthy,
+    )
+
+    servers = []
+    try:
+        for i in range(count):
+            port = free_port()
+            spec = LaunchSpec(engine="embedded", model_path=str(model_dir), port=port,
+                              extra_args=["--threads", "1", "--seed", str(i)])
+            servers.append(start_process(embedded_command(spec), f"http://127.0.0.1:{port}",
+                                         tmp_path / f"serve-{i}.log", {"CUDA_VISIBLE_DEVICES": ""}))
+        wait_healthy(servers, timeout_s)
+        yield servers
+    finally:
+        for server in servers:
+            stop_process(server, grace_s=5.0)
