@@ -149,7 +149,7 @@ def _child(job, i, out_w, st_w):
     # Only the status pipe survives: the code must not reach the driver's own channel.
     os.closerange(3, st_w)
     os.closerange(st_w + 1, 1 << 16)
-    sys.stdin = open(0, "r", encoding="utf-8", errors="replace", closefd=False)
+    sys.stdin = open(0, encoding="utf-8", errors="replace", closefd=False)
     sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
     sys.stderr = open(2, "w", encoding="utf-8", closefd=False)
     cpu = int(job["timeout_s"]) + 1

@@ -45,7 +45,9 @@ class WorkerProcess:
         self._memory_limit = memory_limit_bytes
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
+        self._started = False
         self.restarts = 0
+        """How many times a dead or killed worker was replaced."""
 
     def call(self, target: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
              timeout_s: float) -> tuple[bool, Any]:
@@ -77,9 +79,10 @@ class WorkerProcess:
     def _ensure_started(self) -> subprocess.Popen[bytes]:
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
-        if self._proc is not None:
-            self._kill()
+        self._kill()
+        if self._started:
             self.restarts += 1
+        self._started = True
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PKG_ROOT, env.get("PYTHONPATH")]))
         self._proc = subprocess.Popen(
