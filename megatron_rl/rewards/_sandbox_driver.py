@@ -148,7 +148,7 @@ def _child(job, i, out_w, st_w):
     os.dup2(null, 2)
     # Only the status pipe survives: the code must not reach the driver's own channel.
     os.closerange(3, st_w)
-    os.closerange(st_w + 1, 1 << 16)
+    os.closerange(st_w + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     sys.stdin = open(0, encoding="utf-8", errors="replace", closefd=False)
     sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
     sys.stderr = open(2, "w", encoding="utf-8", closefd=False)
