@@ -122,14 +122,18 @@ def flatten_bucket(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def unflatten_bucket(flat: torch.Tensor, dtypes: Sequence[torch.dtype], shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    """Views into ``flat`` (uint8) with the given dtypes and shapes, in order."""
+    """Tensors over ``flat`` (uint8) with the given dtypes and shapes, in order (views when aligned)."""
     out, offset = [], 0
     for dtype, shape in zip(dtypes, shapes):
         numel = 1
         for d in shape:
             numel *= int(d)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        out.append(flat[offset:offset + nbytes].view(dtype).view(list(shape)))
+        size = torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * size
+        piece = flat[offset:offset + nbytes]
+        if offset % size:  # a view needs an aligned start: copy the odd one out
+            piece = piece.clone()
+        out.append(piece.view(dtype).view(list(shape)))
         offset += nbytes
     if offset != flat.numel():
         raise ValueError(f"flattened bucket holds {flat.numel()} bytes, metadata describes {offset}")
@@ -233,7 +237,14 @@ class DistributedSender:
                 names=[n for n, _ in bucket], dtypes=[dtype_name(t.dtype) for t in tensors],
                 shapes=[list(t.shape) for t in tensors], group_name=self.group.name,
                 flattened=flattened, weight_version=weight_version))
-            await asyncio.to_thread(self.group.broadcast, payload)
+            broadcasting = asyncio.ensure_future(asyncio.to_thread(self.group.broadcast, payload))
+            done, _ = await asyncio.wait({receiving, broadcasting}, return_when=asyncio.FIRST_EXCEPTION)
+            if receiving in done and receiving.exception() is not None and not broadcasting.done():
+                # A server refused before receiving: our broadcast can only end at the group's
+                # timeout, and the group is out of step for good; close it and reconnect.
+                broadcasting.add_done_callback(lambda f: f.exception())
+                raise receiving.exception()  # type: ignore[misc]
+            await broadcasting
             await receiving
             total += sum(t.numel() * t.element_size() for t in tensors)
             count += len(tensors)
