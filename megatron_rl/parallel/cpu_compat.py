@@ -39,7 +39,9 @@ def apply() -> bool:
     _patch_rng_tracker()
     _patch_optimizer()
     _patch_distrib_optimizer()
+    _patch_tied_embeddings()
     _patch_pipeline()
+    _patch_dist_checkpointing()
     _APPLIED = True
     log.debug("megatron-core CPU compatibility patches applied")
     return True
@@ -254,6 +256,32 @@ def _patch_distrib_optimizer() -> None:
     DistributedOptimizer._build_model_and_main_param_groups = staticmethod(build)  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def _cuda_method_is_identity():
+    """While active, ``tensor.cuda()`` returns the (CPU) tensor itself."""
+    orig = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = orig  # type: ignore[method-assign]
+
+
+def _patch_tied_embeddings() -> None:
+    # language_module.py:244: with tied embeddings and pp > 1 the last stage's copy is
+    # synchronised with `weight.data.cuda()` before an all-reduce.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    orig = LanguageModule.setup_embeddings_and_output_layer
+
+    @functools.wraps(orig)
+    def setup(self, *args, **kwargs):
+        with _cuda_method_is_identity():
+            return orig(self, *args, **kwargs)
+
+    LanguageModule.setup_embeddings_and_output_layer = setup  # type: ignore[method-assign]
+
+
 def _patch_pipeline() -> None:
     # schedules.py:596/983/2138 torch.zeros(device="cuda"); p2p shape exchange buffers.
     import importlib
@@ -263,3 +291,11 @@ def _patch_pipeline() -> None:
         "megatron.core.pipeline_parallel.p2p_communication",
     ):
         _redirect(importlib.import_module(name))
+
+
+def _patch_dist_checkpointing() -> None:
+    # dist_checkpointing/strategies/filesystem_async.py:230 preload_tensors calls
+    # torch.cuda.synchronize() after its (non-blocking) device-to-host copies on every save.
+    import importlib
+
+    _redirect(importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async"))
