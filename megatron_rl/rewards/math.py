@@ -76,7 +76,9 @@ def grade_math_isolated(response: str, ground_truth: str | list[str], *,
 def compute_score(response: str, ground_truth: str | list[str], *,
                   timeout_s: float = DEFAULT_TIMEOUT_S) -> float:
     """1.0 if the response's final boxed answer matches ``ground_truth`` (or any of a
-    list), else 0.0; graded in a worker process under ``timeout_s`` (see module doc)."""
+    list), else 0.0; graded in a worker process under ``timeout_s`` (see module doc).
+
+    Calls share one worker and run one at a time; for throughput use ``RewardPool``."""
     grade = grade_math_isolated(response, ground_truth, timeout_s=timeout_s)
     if grade.score == 0.0:
         logger.debug("math reward 0: %s", grade.reason)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 
 import pytest
@@ -68,7 +70,6 @@ def test_compute_score_from_a_thread():
     assert out == [1.0]
 
 
-@pytest.mark.slow
 def test_timeout_kills_worker_logs_and_recovers(caplog):
     worker = WorkerProcess(memory_limit_bytes=1 << 30)
     try:
@@ -92,5 +93,23 @@ def test_worker_refuses_foreign_targets():
     try:
         ok, reason = worker.call("os:system", ("true",), None, 30)
         assert not ok and "refuses" in reason
+    finally:
+        worker.close()
+
+
+def test_worker_crash_scores_zero_and_recovers(caplog):
+    worker = WorkerProcess(memory_limit_bytes=1 << 30)
+    try:
+        assert grade_math_isolated("</think>\\boxed{1}", "1", worker=worker).score == 1.0
+        pid = worker._proc.pid  # the live worker process
+        refs = [f"\\frac{{{i}}}{{7}}+y" for i in range(3000)]  # keeps it busy for a while
+        killer = threading.Timer(0.5, os.kill, args=(pid, signal.SIGKILL))
+        killer.start()
+        with caplog.at_level(logging.WARNING, logger="megatron_rl.rewards.math"):
+            grade = grade_math_isolated("</think>\\boxed{x^2+1}", refs, timeout_s=60, worker=worker)
+        killer.join()
+        assert grade.score == 0.0 and grade.reason.startswith("grader_error: worker crashed")
+        assert "worker crashed" in caplog.text
+        assert grade_math_isolated("</think>\\boxed{2}", "2", worker=worker).score == 1.0
     finally:
         worker.close()
