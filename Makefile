@@ -18,6 +18,9 @@ $(STAMP): requirements-cpu.txt requirements-dev.txt setup.py
 	# triton's wheel declares no CPU-usable deps; the interpreter (TRITON_INTERPRET=1) needs only numpy.
 	$(PIP) install -q --no-deps triton==3.9.0
 	$(PIP) install -q --no-deps -e .
+	# The code grader's sandbox uses bubblewrap when present (best effort: it degrades, and says so).
+	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1; } || true
 	$(PY) -c "import torch, megatron.core, megatron_rl.kernels; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 

@@ -42,6 +42,7 @@ def apply() -> bool:
     _patch_tied_embeddings()
     _patch_pipeline()
     _patch_dist_checkpointing()
+    _patch_optimizer_step_state()
     _APPLIED = True
     log.debug("megatron-core CPU compatibility patches applied")
     return True
@@ -252,6 +253,20 @@ def _patch_distrib_optimizer() -> None:
         with _cuda_type_names():
             return orig_build(*args, **kwargs)
 
+    # clip_grads.py:167 asserts grad.type() == 'torch.cuda.FloatTensor'; optimizer.py
+    # imports the function by name.
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    orig_clip = clip_grads.clip_grad_by_total_norm_fp32
+
+    @functools.wraps(orig_clip)
+    def clip(*args, **kwargs):
+        with _cuda_type_names():
+            return orig_clip(*args, **kwargs)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip
+    moptimizer.clip_grad_by_total_norm_fp32 = clip
     DistributedOptimizer.__init__ = init  # type: ignore[method-assign]
     DistributedOptimizer._build_model_and_main_param_groups = staticmethod(build)  # type: ignore[method-assign]
 
@@ -299,3 +314,26 @@ def _patch_dist_checkpointing() -> None:
     import importlib
 
     _redirect(importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async"))
+
+
+def _patch_optimizer_step_state() -> None:
+    # distrib_optimizer.py:940 `_set_main_param_and_optimizer_states` copies every key of the
+    # inner optimizer's per-parameter state from the loaded tensors. Without TE/Apex that
+    # optimizer is torch's Adam, whose state also holds `step`, which the `fully_reshardable`
+    # loader (:2101) deliberately leaves out (it restores `step` from the param groups first):
+    # KeyError 'step'. Supply the already-restored step so the copy is a no-op for it.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    @functools.wraps(original)
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state.get(main_param, {}).get("step")
+            if step is not None:
+                tensors = {**tensors, "step": step}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
