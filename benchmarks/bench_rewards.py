@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_rewards.py [--workers N] [--code-responses N]
 
 Math: the graded test table (tests/rewards/math_cases.py: correct answers, traps and
-format errors), in this process and through RewardPool. Code: correct stdin/stdout
+format errors), in this process and through RewardPool, each after a warm-up on other answers. Code: correct stdin/stdout
 solutions with 10 tests each (every test runs, the worst case for an all-pass reward),
 per sandbox backend, directly and through RewardPool. Prints a table and writes
 benchmarks/results/bench_rewards.csv with a machine column.
@@ -69,10 +69,18 @@ def main() -> None:
                      "mean_score": round(sum(scores) / len(scores), 3)})
 
     math_items = [RewardItem("math", r, gt) for r, gt, _, _ in CASES]
+    # Steady state, as in training: sympy/math-verify pay a one-off cost on first use, so an
+    # untimed warm-up precedes each timing. It uses other strings than the table: those
+    # libraries cache per string, and training rarely sees the same answer twice.
+    warm = [RewardItem("math", f"</think>\\boxed{{\\frac{{{i}}}{{{i + 1}}}}}", f"{i}/{i + 2}")
+            for i in range(2, 42)]
+    warm += [RewardItem("math", f"</think>\\boxed{{({i}, {i}]}}", f"[{i},{i}]") for i in range(20)]
+    for item in warm:
+        grade_math(item.response, item.reference)
     secs, scores = timed(lambda: [grade_math(i.response, i.reference).score for i in math_items])
     add("math", "in-process (no worker)", 1, len(math_items), secs, scores)
     with RewardPool(num_workers=args.workers, max_queue=4 * args.workers) as pool:
-        pool.score_batch(math_items[:4])  # start the workers outside the timing
+        pool.score_batch(warm * args.workers)
         secs, scores = timed(lambda: pool.score_batch(math_items))
     add("math", "RewardPool", args.workers, len(math_items), secs, scores)
 
