@@ -5,7 +5,7 @@ kernel's order: scaled logits of one ``[token_chunk x vocab_chunk]`` tile at a t
 accumulation, the same online (max, sum-exp, sum-exp*shift, target) update per vocabulary
 tile, the same tensor-parallel merge (``_softmax_stats``). Backward recomputes each tile.
 
-Peak extra memory is a few tiles (``token_chunk * vocab_chunk * 4`` bytes each, 32 MiB at the
+Peak extra memory is a few tiles (``token_chunk * vocab_chunk * 4`` bytes each, 16 MiB at the
 defaults) plus fp32 copies of hidden and of dhidden (O(N*H)), against ``N * V * 4`` bytes
 per materialised tensor for the unfused path.
 
@@ -21,7 +21,9 @@ import torch
 
 from ._softmax_stats import SoftmaxStats, empty_stats, label_in_range
 
-TOKEN_CHUNK = 2048
+# 16 MiB fp32 tiles: below glibc's largest mmap threshold (32 MiB), so freed tiles are reused
+# from the heap instead of being mapped and page-faulted in again for every tile.
+TOKEN_CHUNK = 1024
 VOCAB_CHUNK = 4096
 
 
@@ -43,6 +45,10 @@ def _update(stats: SoftmaxStats, rows: slice, z_nv: torch.Tensor, with_entropy: 
         ez_n = e_nv.mul_(z_nv).sum(dim=1)  # e is done with: reuse its buffer
         stats.sumez_N[rows] = scale * (stats.sumez_N[rows] + shift * s_old) + ez_n
     stats.max_N[rows] = m_new
+
+
+def weight32_like(weight_VH: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.empty(min(rows, weight_VH.shape[0]), weight_VH.shape[1], device=weight_VH.device)
 
 
 def dlogits_tile(
@@ -130,10 +136,18 @@ class TorchEngine:
         target_col_N = labels_N.long() - vocab_start
         dhidden32_NH = torch.zeros_like(hidden32_NH) if need_dhidden else None
         dweight_VH = torch.empty_like(weight_VH) if need_dweight else None
+        # fp32 weights accumulate straight into dweight; others in one reused fp32 buffer.
+        direct = weight_VH.dtype == torch.float32
+        buf32_vH = (
+            None if direct or not need_dweight else weight32_like(weight_VH, self.vocab_chunk)
+        )
         for v0 in range(0, vocab, self.vocab_chunk):
             v1 = min(v0 + self.vocab_chunk, vocab)
             weight32_vH = _f32(weight_VH[v0:v1])
-            dweight32_vH = torch.zeros_like(weight32_vH) if need_dweight else None
+            dweight32_vH = None
+            if dweight_VH is not None:
+                dweight32_vH = dweight_VH[v0:v1] if direct else buf32_vH[: v1 - v0]
+                dweight32_vH.zero_()
             for n0 in range(0, n_tokens, self.token_chunk):
                 rows = slice(n0, min(n0 + self.token_chunk, n_tokens))
                 z_nv = torch.mm(hidden32_NH[rows], weight32_vH.T).mul_(inv_temp)
@@ -150,6 +164,6 @@ class TorchEngine:
                     dhidden32_NH[rows].addmm_(d_nv, weight32_vH)
                 if dweight32_vH is not None:
                     dweight32_vH.addmm_(d_nv.T, hidden32_NH[rows])
-            if dweight_VH is not None:
+            if dweight_VH is not None and not direct:
                 dweight_VH[v0:v1] = dweight32_vH
         return dhidden32_NH, dweight_VH

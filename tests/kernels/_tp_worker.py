@@ -1,8 +1,8 @@
-"""One rank of the TP=2 linear_logprobs test (run by test_linear_logprobs_tp.py).
+"""One rank of the TP linear_logprobs test (run by test_linear_logprobs_tp.py).
 
 Usage: python _tp_worker.py RANK WORLD PORT BACKEND VOCAB_SIZE|None OUT.pt
-Builds the full inputs from a fixed seed (identical on every rank), keeps this rank's
-vocabulary shard of the weight, runs forward + backward through the public API with
+Builds the full inputs from a fixed seed (identical in every process), keeps this rank's
+vocabulary shard of the weight (all of it when WORLD is 1), runs forward + backward through the public API with
 ``tp_group`` and saves (logprobs, entropy, dhidden, dweight_shard) to OUT.pt.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+if not torch.cuda.is_available():  # the test sets it anyway; before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.distributed as dist  # noqa: E402
 
@@ -34,7 +34,7 @@ def main() -> None:
         world_size=world,
         timeout=timedelta(seconds=120),
     )
-    hidden_NH, weight_VH, labels_N, g_lp_N, g_ent_N = tp_inputs(world, vocab_size)
+    hidden_NH, weight_VH, labels_N, g_lp_N, g_ent_N = tp_inputs(vocab_size)
     v_local = weight_VH.shape[0] // world
     h = hidden_NH.clone().requires_grad_()
     w = weight_VH[rank * v_local : (rank + 1) * v_local].clone().requires_grad_()

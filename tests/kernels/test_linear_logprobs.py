@@ -51,6 +51,27 @@ def shape_for(backend: str) -> tuple[int, int, int]:
     return TORCH_SHAPE if backend == "torch" else TRITON_SHAPE
 
 
+def device_for(backend: str) -> str:
+    """Triton runs compiled on a GPU machine, interpreted on CPU tensors elsewhere."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def apply_fused(backend, hidden_NH, weight_VH, labels_N, temperature):
+    """Forward through the shared Function on the backend's device; results on CPU."""
+    dev = device_for(backend)
+    lp, ent = LinearLogprobsFunction.apply(
+        hidden_NH.to(dev),
+        weight_VH.to(dev),
+        labels_N.to(dev),
+        1.0 / temperature,
+        None,
+        0,
+        True,
+        engine_for(backend),
+    )
+    return lp.cpu(), ent.cpu()
+
+
 def make_inputs(n: int, h: int, v: int, seed: int = 0, logit_std: float = 3.0):
     """hidden_NH, weight_VH (logits ~ N(0, logit_std^2)), labels_N, g_logprob_N, g_entropy_N."""
     gen = torch.Generator().manual_seed(seed)
@@ -67,13 +88,16 @@ def make_inputs(n: int, h: int, v: int, seed: int = 0, logit_std: float = 3.0):
     )
 
 
-def run_fused(engine, hidden_NH, weight_VH, labels_N, temperature, g_lp_N, g_ent_N):
-    """(logprobs, entropy, dhidden, dweight) through the shared autograd Function."""
-    h = hidden_NH.detach().clone().requires_grad_()
-    w = weight_VH.detach().clone().requires_grad_()
-    lp, ent = LinearLogprobsFunction.apply(h, w, labels_N, 1.0 / temperature, None, 0, True, engine)
-    (lp * g_lp_N + ent * g_ent_N).sum().backward()
-    return lp.detach(), ent.detach(), h.grad, w.grad
+def run_fused(backend, hidden_NH, weight_VH, labels_N, temperature, g_lp_N, g_ent_N):
+    """(logprobs, entropy, dhidden, dweight) through the shared autograd Function, on CPU."""
+    dev = device_for(backend)
+    h = hidden_NH.detach().to(dev).requires_grad_()
+    w = weight_VH.detach().to(dev).requires_grad_()
+    lp, ent = LinearLogprobsFunction.apply(
+        h, w, labels_N.to(dev), 1.0 / temperature, None, 0, True, engine_for(backend)
+    )
+    (lp * g_lp_N.to(dev) + ent * g_ent_N.to(dev)).sum().backward()
+    return lp.detach().cpu(), ent.detach().cpu(), h.grad.cpu(), w.grad.cpu()
 
 
 def run_reference(hidden_NH, weight_VH, labels_N, temperature, g_lp_N, g_ent_N, dtype):
@@ -105,7 +129,7 @@ NAMES = ("logprobs", "entropy", "dhidden", "dweight")
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 def test_fp32_matches_float64_reference(backend, temperature):
     inputs = make_inputs(*shape_for(backend), seed=int(temperature * 10))
-    got = run_fused(engine_for(backend), *inputs[:3], temperature, *inputs[3:])
+    got = run_fused(backend, *inputs[:3], temperature, *inputs[3:])
     want = run_reference(*inputs[:3], temperature, *inputs[3:], dtype=torch.float64)
     for name, g, w in zip(NAMES, got, want):
         assert g.dtype == torch.float32
@@ -127,7 +151,7 @@ def test_low_precision_no_worse_than_eager(backend, dtype):
     """16-bit fused and 16-bit eager both against fp32 eager on the same rounded inputs."""
     hidden, weight, labels, g_lp, g_ent = make_inputs(*shape_for(backend), seed=3)
     hidden, weight = hidden.to(dtype), weight.to(dtype)
-    fused = run_fused(engine_for(backend), hidden, weight, labels, 0.8, g_lp, g_ent)
+    fused = run_fused(backend, hidden, weight, labels, 0.8, g_lp, g_ent)
     eager = run_reference(hidden, weight, labels, 0.8, g_lp, g_ent, dtype=dtype)
     exact = run_reference(hidden, weight, labels, 0.8, g_lp, g_ent, dtype=torch.float32)
     assert fused[2].dtype == dtype and fused[3].dtype == dtype
@@ -146,9 +170,7 @@ def test_signs_exact_on_extreme_distributions(backend):
     weight[7] = weight[8]  # two identical columns: tied maxima
     labels[2:10] = (hidden @ weight.T).argmax(dim=1)[2:10]  # label = arg-max: log-prob ~ 0
     for temperature in (0.05, 1.0):
-        lp, ent = LinearLogprobsFunction.apply(
-            hidden, weight, labels, 1 / temperature, None, 0, True, engine_for(backend)
-        )
+        lp, ent = apply_fused(backend, hidden, weight, labels, temperature)
         assert_signs(lp, ent)
         ref_lp, ref_ent = linear_logprobs_reference(
             hidden, weight, labels, temperature=temperature, compute_dtype=torch.float64
@@ -156,9 +178,7 @@ def test_signs_exact_on_extreme_distributions(backend):
         assert torch.allclose(lp.double(), ref_lp, rtol=1e-5, atol=1e-5)
         assert torch.allclose(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
     # All-zero weight: uniform distribution, entropy = log V and log-prob = -log V.
-    lp, ent = LinearLogprobsFunction.apply(
-        hidden, torch.zeros_like(weight), labels, 1.0, None, 0, True, engine_for(backend)
-    )
+    lp, ent = apply_fused(backend, hidden, torch.zeros_like(weight), labels, 1.0)
     log_v = torch.log(torch.tensor(float(v)))
     assert torch.allclose(lp, -log_v.expand(n)) and torch.allclose(ent, log_v.expand(n))
     assert_signs(lp, ent)
@@ -170,13 +190,14 @@ def test_public_api_single_outputs(backend):
     hidden, weight, labels, g_lp, g_ent = make_inputs(*TRITON_SHAPE, seed=7)
     if backend == "triton":
         triton_engine()  # interpreter check + skip without triton
-    h = hidden.clone().requires_grad_()
-    w = weight.clone().requires_grad_()
+    h = hidden.to(device_for(backend)).requires_grad_()
+    w = weight.to(device_for(backend)).requires_grad_()
+    labels, g_lp, g_ent = labels.to(h.device), g_lp.to(h.device), g_ent.to(h.device)
     ref = run_reference(hidden, weight, labels, 1.3, torch.zeros_like(g_lp), g_ent, torch.float64)
     lp, ent = linear_logprobs(h, w, labels, temperature=1.3, backend=backend)
     (ent * g_ent).sum().backward()  # entropy bonus only: log-prob output unused
     for name, g, r in zip(NAMES, (lp, ent, h.grad, w.grad), ref):
-        assert rel_err(g.detach(), r) <= 1e-5, name
+        assert rel_err(g.detach().cpu(), r) <= 1e-5, name
 
     ref = run_reference(hidden, weight, labels, 1.3, g_lp, torch.zeros_like(g_ent), torch.float64)
     h.grad = w.grad = None
@@ -186,23 +207,23 @@ def test_public_api_single_outputs(backend):
     for name, g, r in zip(
         ("logprobs", "dhidden", "dweight"), (lp, h.grad, w.grad), ref[::2] + ref[3:]
     ):
-        assert rel_err(g.detach(), r) <= 1e-5, name
+        assert rel_err(g.detach().cpu(), r) <= 1e-5, name
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_strided_hidden_no_grad_and_empty(backend):
-    engine = engine_for(backend)
     hidden, weight, labels, _, _ = make_inputs(*TRITON_SHAPE, seed=9)
-    wide = torch.cat([hidden, torch.randn_like(hidden)], dim=1)
+    dev = device_for(backend)
+    wide = torch.cat([hidden, torch.randn_like(hidden)], dim=1).to(dev)
     strided = wide[:, : hidden.shape[1]]  # row stride 2H: a view, not a copy
     assert not strided.is_contiguous()
     with torch.no_grad():
-        lp, ent = LinearLogprobsFunction.apply(strided, weight, labels, 1.0, None, 0, True, engine)
+        lp, ent = apply_fused(backend, strided, weight, labels, 1.0)
     ref_lp, ref_ent = linear_logprobs_reference(hidden, weight, labels, compute_dtype=torch.float64)
     assert rel_err(lp, ref_lp) <= 1e-5 and rel_err(ent, ref_ent) <= 1e-5
 
-    h = torch.zeros(0, hidden.shape[1], requires_grad=True)
-    lp, ent = linear_logprobs(h, weight, labels[:0], backend=backend)
+    h = torch.zeros(0, hidden.shape[1], device=dev, requires_grad=True)
+    lp, ent = linear_logprobs(h, weight.to(dev), labels[:0].to(dev), backend=backend)
     assert lp.shape == ent.shape == (0,)
     (lp.sum() + ent.sum()).backward()
     assert h.grad.shape == h.shape
