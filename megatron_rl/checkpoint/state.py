@@ -106,6 +106,10 @@ def _inner_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def _has_state(optimizer) -> bool:
+    return any(len(o.optimizer.state) > 0 for o in _inner_optimizers(optimizer))
+
+
 def _is_distributed(optimizer) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -160,6 +164,8 @@ def save_checkpoint(
     tmp = Path(_broadcast(str(tmp)))
 
     dist.save(_module(model).sharded_state_dict(), tmp / MODEL_SUBDIR)
+    if optimizer is not None and not _has_state(optimizer):
+        optimizer = None  # no step taken yet: a fresh optimizer on load is the same state
     if optimizer is not None:
         sd = _optimizer_sharded_state_dict(optimizer, model, False, optimizer_format)
         dist.save(sd, tmp / OPTIM_SUBDIR)

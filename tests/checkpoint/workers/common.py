@@ -12,7 +12,7 @@ import torch
 
 
 def build(hf_dir, tp: int = 1, pp: int = 1, distributed_optimizer: bool = True, topo=None,
-          load_hf: bool = True):
+          load_hf: bool = True, vocab_divisor: int = 2):
     """(topo, dims, model, optimizer) of a tiny fp32 actor; HF weights loaded unless not
     ``load_hf`` (then megatron's random init: a resume must overwrite every value)."""
     from megatron_rl.actor.model import build_model, build_optimizer, load_hf_weights
@@ -26,7 +26,7 @@ def build(hf_dir, tp: int = 1, pp: int = 1, distributed_optimizer: bool = True, 
     # Padded vocabulary 1032 at TP=1 and TP=2 (1031 is odd): megatron trains the padding rows
     # (their logits enter its softmax), and a layout that pads differently drops or zero-fills
     # them, so a bit-exact round trip across TP needs the same padded size everywhere.
-    mc = ModelConfig(dtype="float32", make_vocab_size_divisible_by=2)
+    mc = ModelConfig(dtype="float32", make_vocab_size_divisible_by=vocab_divisor)
     topo = topo or Topology.initialize(par, seed=1234)
     dims = read_dims(hf_dir)
     model = build_model(dims, par, mc, topo)
