@@ -117,6 +117,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     body = await _json_body(request)
     if body.get("stream"):
         raise BadRequest("stream=true is not supported by the embedded engine; send stream=false.")
+    for field_name in ("top_logprobs_num", "token_ids_logprob", "input_embeds", "image_data", "lora_path"):
+        value = body.get(field_name)
+        if value not in (None, 0, [], False) and not (isinstance(value, list) and not any(value)):
+            raise BadRequest(f"`{field_name}` is not supported by the embedded engine; use SGLang for it.")
     prompts, is_batch = _prompts(body, engine)
     count = len(prompts)
     params = [parse_sampling_params(p, engine.vocab_size)

@@ -70,6 +70,7 @@ BAD = [
     ({"input_ids": [1], "stream": True}, None, "stream"),
     ({"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 5}, None, "logprob_start_len"),
     ({"text": "hello"}, None, "tokenizer"),
+    ({"input_ids": [1], "return_logprob": True, "top_logprobs_num": 5}, None, "top_logprobs_num"),
 ]
 
 
