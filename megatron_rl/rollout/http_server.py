@@ -92,9 +92,9 @@ def _prompts(body: dict[str, Any], engine: EmbeddedEngine) -> tuple[list[list[in
     return [ids], False
 
 
-def _reply(job: Job, engine: EmbeddedEngine, rid: str) -> dict[str, Any]:
+def _reply(job: Job, engine: EmbeddedEngine) -> dict[str, Any]:
     meta: dict[str, Any] = {
-        "id": job.rid if job.rid != job.parent_rid else rid,
+        "id": job.rid,
         "finish_reason": job.finish,
         "prompt_tokens": len(job.prompt),
         "completion_tokens": len(job.output_ids),
@@ -146,7 +146,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         for r in set(owners):  # the client went away (or one prompt was bad): stop the rest
             engine.abort(r, message="Aborted: client disconnected or request refused")
         raise
-    replies = [_reply(job, engine, owner) for job, owner in zip(jobs, owners)]
+    replies = [_reply(job, engine) for job in jobs]
     if not is_batch and params[0].n == 1:
         return web.json_response(replies[0])
     return web.json_response(replies)

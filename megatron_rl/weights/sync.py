@@ -214,7 +214,9 @@ class DistributedSender:
                       timeout_s: float = 600.0) -> DistributedSender:
         """Open the group: rank 0 here and the servers' ranks over HTTP, at the same time.
 
-        ``master_address`` must be reachable from the servers (this host's address).
+        ``master_address`` must be reachable from the servers (this host's address). If a
+        server refuses to join, the error is raised at once, but rank 0's rendezvous thread
+        only gives up at ``timeout_s`` (torch offers no way to cancel it).
         """
         port = master_port or free_port(master_address)
         world_size = 1 + receiver.num_weight_ranks()
