@@ -15,6 +15,8 @@ under ``if __name__ == "__main__":`` (the spawned child re-imports the main modu
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,35 @@ from megatron_rl.errors import CheckpointError
 _LAYERS = "decoder.layers."
 
 
-def _short(e: BaseException, limit: int = 400) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+def _short(e: BaseException, limit: int = 300) -> str:
+    """The root cause in one line: torch DCP wraps each rank's failure with its traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(e, CheckpointException) and e.failures:
+        first = next(iter(e.failures.values()))
+        return _short(first[0] if isinstance(first, tuple) else first, limit)
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    if len(first) > 150 and ". " in first:  # e.g. torch.load's advice on weights_only: not ours
+        first = first.split(". ")[0] + "."
+    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    text = text.rstrip(".")
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    # torch DCP's CheckpointException derives from BaseException, not Exception.
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+@contextlib.contextmanager
+def _quiet():
+    # megatron 0.16 calls torch DCP's deprecated `load_state_dict`: one FutureWarning per load.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="megatron.core.dist_checkpointing")
+        yield
 
 
 def save(sharded_state_dict: dict, directory: Path) -> None:
@@ -48,7 +76,7 @@ def tensors_metadata(directory: Path, what: str) -> dict[str, Any]:
         )
     try:
         return dist_checkpointing.load_tensors_metadata(str(directory))
-    except Exception as e:  # megatron and torch DCP raise many types for a damaged file
+    except _failures() as e:  # megatron and torch DCP raise many types for a damaged file
         raise CheckpointError(f"The {what} metadata in `{directory}` cannot be read "
                               f"({_short(e)}); the checkpoint is damaged, use an earlier one.") from None
 
@@ -91,10 +119,11 @@ def load(sharded_state_dict: dict, directory: Path, what: str, hint: str = "") -
     metadata = tensors_metadata(directory, what)
     check_against(sharded_state_dict, metadata, directory, what, hint)
     try:
-        return dist_checkpointing.load(sharded_state_dict, str(directory))
+        with _quiet():
+            return dist_checkpointing.load(sharded_state_dict, str(directory))
     except CheckpointError:
         raise
-    except Exception as e:
+    except _failures() as e:
         raise CheckpointError(f"Loading the {what} from `{directory}` failed: {_short(e)}. The "
                               f"checkpoint is damaged or does not match the model.{hint}") from None
 
@@ -131,8 +160,9 @@ def read_tensors(directory: Path, metadata: dict[str, Any], keys: list[str],
             data = torch.empty((1, *shape[1:]), dtype=meta.dtype)
             request[key] = ShardedTensor.from_rank_offsets(key, data, (0, layer, shape[0]), replica_id=0)
     try:
-        loaded = dist_checkpointing.load(request, str(directory), validate_access_integrity=False)
-    except Exception as e:
+        with _quiet():
+            loaded = dist_checkpointing.load(request, str(directory), validate_access_integrity=False)
+    except _failures() as e:
         raise CheckpointError(f"Reading {keys[0]} (and {len(keys) - 1} more) from `{directory}` "
                               f"failed: {_short(e)}. The checkpoint is damaged.") from None
     return {k: loaded[k] if layer is None else loaded[k][0] for k in keys}

@@ -233,8 +233,8 @@ def resolve(path_or_root: str | Path) -> Path:
     """A checkpoint directory from a root (follows `latest`), a step directory or a converted one."""
     path = Path(path_or_root)
     if not path.exists():
-        raise CheckpointError(f"Checkpoint path `{path}` does not exist; check the path (or "
-                              "`checkpoint.resume`), or start without resuming.")
+        raise CheckpointError(f"Checkpoint path `{path}` does not exist; check the path (a "
+                              "checkpoint root, a `step_XXXXXXXX/` folder or a converted checkpoint).")
     if not path.is_dir():
         raise CheckpointError(f"Checkpoint path `{path}` is a file; give the checkpoint directory.")
     if (path / META_NAME).is_file():

@@ -113,13 +113,15 @@ def test_kill_during_save_keeps_previous_checkpoint(hf_models, tmp_path, world1)
 
 @pytest.fixture(scope="module")
 def saved(hf_models, tmp_path_factory, world1):
-    """A single-process training checkpoint of the tiny Qwen2 (step 5), and the model."""
-    from tests.checkpoint.workers.common import build
+    """A single-process checkpoint of the tiny Qwen2 at step 5 (no optimizer step taken yet),
+    a model and optimizer to load into (a failed load may leave them half-written), and the
+    saved weights."""
+    from tests.checkpoint.workers.common import build, export
 
     root = tmp_path_factory.mktemp("saved") / "ckpt"
     _, dims, model, opt = build(hf_models["qwen2"], topo=world1)
     save_checkpoint(root, 5, model, opt, extra={"data_pos": 10}, keep_last=0, hf_dir=hf_models["qwen2"])
-    return root, model, opt
+    return root, model, opt, export(model, dims, world1)
 
 
 def damaged_copy(saved_root: Path, tmp_path: Path) -> Path:
@@ -135,7 +137,7 @@ def assert_one_paragraph(excinfo) -> str:
 
 
 def test_missing_checkpoint_errors(saved, tmp_path):
-    root, model, opt = saved
+    root, model, opt, _ = saved
     with pytest.raises(CheckpointError, match="does not exist") as e:
         load_checkpoint(tmp_path / "nope", model, opt)
     assert_one_paragraph(e)
@@ -154,7 +156,7 @@ def test_missing_checkpoint_errors(saved, tmp_path):
 
 
 def test_truncated_or_corrupt_files_error(saved, tmp_path):
-    root, model, opt = saved
+    root, model, opt, _ = saved
     copy = damaged_copy(root, tmp_path) / "step_00000005"
     shard = sorted((copy / "model").glob("*.distcp"))[0]
     with open(shard, "r+b") as f:
@@ -170,11 +172,18 @@ def test_truncated_or_corrupt_files_error(saved, tmp_path):
         load_checkpoint(copy2, model, opt)
     assert_one_paragraph(e)
 
+    copy3 = damaged_copy(root, tmp_path / "c") / "step_00000005"
+    for shard in (copy3 / "model").glob("*.distcp"):  # same sizes, garbage tensor data
+        shard.write_bytes(b"\1" * shard.stat().st_size)
+    with pytest.raises(CheckpointError, match="damaged") as e:
+        load_checkpoint(copy3, model, opt)
+    assert "UnpicklingError" in assert_one_paragraph(e)
+
 
 def test_wrong_model_errors(saved, tmp_path, world1):
     from tests.checkpoint.workers.common import build
 
-    root, _, _ = saved
+    root, _, _, _ = saved
     wider = tmp_path / "wider"
     make_tiny_hf(wider, "qwen2", vocab=1031, ffn=128)
     _, _, model, opt = build(wider, topo=world1, load_hf=False)
@@ -199,7 +208,7 @@ def saved_hf(saved) -> Path:
 def test_weights_only_and_extra_round_trip(saved, world1):
     from tests.checkpoint.workers.common import build, export
 
-    root, model, opt = saved
+    root, _, _, weights = saved
     _, dims, fresh, fresh_opt = build(saved_hf(saved), topo=world1, load_hf=False)
     assert load_checkpoint(root, fresh, fresh_opt, load_optimizer=False) == {"data_pos": 10, "step": 5}
-    assert same(export(fresh, dims, world1), export(model, dims, world1))
+    assert same(export(fresh, dims, world1), weights)

@@ -96,3 +96,23 @@ def test_converter_errors(converted, hf_models, tmp_path):
     with pytest.raises(UserError, match="config.json"):
         convert_hf_to_mcore(tmp_path, tmp_path / "out2")  # an empty folder is no HF model
     assert not any(p.name.startswith("out") for p in tmp_path.iterdir())  # nothing half-written
+
+
+def test_cli_round_trip(converted, hf_models, tmp_path, capsys):
+    import argparse
+
+    from megatron_rl.checkpoint.cli import add_convert_parser, parse_size, run_convert
+
+    parser = argparse.ArgumentParser()
+    add_convert_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["convert", "hf-to-mcore", "--hf", str(hf_models["qwen3"]), "--out",
+                              str(tmp_path / "mc"), "--tp", "2", "--pp", "4"])
+    assert run_convert(args) == 0
+    args = parser.parse_args(["convert", "mcore-to-hf", "--ckpt", str(tmp_path / "mc"), "--out",
+                              str(tmp_path / "hf"), "--max-shard-size", "100KB"])
+    assert run_convert(args) == 0
+    assert_bit_exact(hf_models["qwen3"], tmp_path / "hf")
+    assert "wrote HF model" in capsys.readouterr().out
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("123") == 123
+    with pytest.raises(UserError, match="not a size"):
+        parse_size("lots")
