@@ -112,12 +112,33 @@ def check_against(sharded_state_dict: dict, metadata: dict[str, Any], directory:
                 f"checkpoint belongs to a model of other dimensions.{hint}")
 
 
+def raise_if_any(error: str | None) -> None:
+    """Collective: raise ``CheckpointError`` on every rank if any rank has an error message.
+
+    A check that fails on one rank only (a key one pipeline stage holds) must not leave the
+    other ranks waiting in the next collective until the process-group timeout.
+    """
+    import torch.distributed as tdist
+
+    errors = [error]
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        errors = [None] * tdist.get_world_size()
+        tdist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first is not None:
+        raise CheckpointError(first)
+
+
 def load(sharded_state_dict: dict, directory: Path, what: str, hint: str = "") -> dict:
     """Load ``sharded_state_dict`` from a torch_dist checkpoint, checked and with user errors."""
     from megatron.core import dist_checkpointing
 
-    metadata = tensors_metadata(directory, what)
-    check_against(sharded_state_dict, metadata, directory, what, hint)
+    error = None
+    try:
+        check_against(sharded_state_dict, tensors_metadata(directory, what), directory, what, hint)
+    except CheckpointError as e:
+        error = str(e)
+    raise_if_any(error)  # pipeline stages check different tensors: all fail, or none enters the load
     try:
         with _quiet():
             return dist_checkpointing.load(sharded_state_dict, str(directory))

@@ -102,6 +102,35 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def _any_rank(flag: bool) -> bool:
+    flags = [flag] * tdist.get_world_size()
+    if tdist.get_world_size() > 1:
+        tdist.all_gather_object(flags, flag)
+    return any(flags)
+
+
+def _on_rank0(fn: Callable[[], Any], doing: str) -> Any:
+    """Run ``fn`` on rank 0 and share its result, or its failure, with every rank.
+
+    A file-system error (full disk, no permission) becomes a ``CheckpointError`` everywhere;
+    any other exception is re-raised on rank 0 as it is (a bug) and reported on the others.
+    """
+    result, error, original = None, None, None
+    if _rank() == 0:
+        try:
+            result = fn()
+        except OSError as e:
+            error = f"{doing} failed: {e}. Free space or fix the permissions of the checkpoint directory."
+        except Exception as e:  # a bug: keep its traceback on rank 0
+            error, original = f"{doing} failed on rank 0 ({type(e).__name__}: {e})", e
+    result, error = _broadcast((result, error))
+    if original is not None:
+        raise original
+    if error is not None:
+        raise CheckpointError(error)
+    return result
+
+
 def _inner_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
@@ -155,16 +184,17 @@ def save_checkpoint(
         raise ValueError(f"extra['step']={extra['step']} differs from step={step}")
     extra_text = json.dumps(extra, indent=1)  # fail before any file is written
     final = root / io.step_dir_name(step)
-    tmp = None
-    if _rank() == 0:
+
+    def prepare() -> str:
         root.mkdir(parents=True, exist_ok=True)
         io.remove_stale_tmp(root)
         tmp = io.tmp_dir_for(final, io.new_nonce())
         tmp.mkdir()
-    tmp = Path(_broadcast(str(tmp)))
+        return str(tmp)
 
+    tmp = Path(_on_rank0(prepare, f"preparing `{root}`"))
     dist.save(_module(model).sharded_state_dict(), tmp / MODEL_SUBDIR)
-    if optimizer is not None and not _has_state(optimizer):
+    if optimizer is not None and not _any_rank(_has_state(optimizer)):
         optimizer = None  # no step taken yet: a fresh optimizer on load is the same state
     if optimizer is not None:
         sd = _optimizer_sharded_state_dict(optimizer, model, False, optimizer_format)
@@ -173,7 +203,7 @@ def save_checkpoint(
     rng.save(tmp / RNG_SUBDIR / f"rank_{_rank():05d}.pt")
     tdist.barrier()  # every rank's files are written (megatron's writers fsync their own)
 
-    if _rank() == 0:
+    def publish() -> None:
         (tmp / EXTRA_NAME).write_text(extra_text + "\n")
         if hf_dir is not None:
             copy_side_files(hf_dir, tmp / HF_SUBDIR)
@@ -188,7 +218,9 @@ def save_checkpoint(
         io.publish(tmp, final)
         io.point_latest(root, final)
         io.prune(root, keep_last)
-    tdist.barrier()  # nobody returns before the step is visible (or reads a half-pruned root)
+
+    # Returning only after rank 0 answers: nobody reads a half-published or half-pruned root.
+    _on_rank0(publish, f"publishing `{final}`")
     return final
 
 

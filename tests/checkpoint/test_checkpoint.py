@@ -212,3 +212,15 @@ def test_weights_only_and_extra_round_trip(saved, world1):
     _, dims, fresh, fresh_opt = build(saved_hf(saved), topo=world1, load_hf=False)
     assert load_checkpoint(root, fresh, fresh_opt, load_optimizer=False) == {"data_pos": 10, "step": 5}
     assert same(export(fresh, dims, world1), weights)
+
+
+def test_save_failures_publish_nothing(saved, tmp_path):
+    _, model, _, _ = saved
+    root = tmp_path / "ckpt"
+    with pytest.raises(TypeError):  # not JSON: refused before anything is written
+        save_checkpoint(root, 1, model, None, extra={"x": object()}, keep_last=0)
+    assert not root.exists()
+    with pytest.raises(CheckpointError, match="publishing") as e:  # an OSError on rank 0
+        save_checkpoint(root, 1, model, None, extra={}, keep_last=0, hf_dir=tmp_path / "missing")
+    assert_one_paragraph(e)
+    assert not (root / "latest").exists() and not (root / "step_00000001").exists()

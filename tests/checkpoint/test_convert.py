@@ -116,3 +116,16 @@ def test_cli_round_trip(converted, hf_models, tmp_path, capsys):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("123") == 123
     with pytest.raises(UserError, match="not a size"):
         parse_size("lots")
+
+
+def test_bfloat16_round_trip(hf_models, tmp_path, world1):
+    import transformers
+
+    src = tmp_path / "bf16"
+    transformers.AutoModelForCausalLM.from_pretrained(str(hf_models["qwen2"])).to(torch.bfloat16).save_pretrained(src)
+    convert_hf_to_mcore(src, tmp_path / "mcore", tp=2, pp=2)
+    meta = json.loads((tmp_path / "mcore" / "megatron_rl_meta.json").read_text())
+    assert meta["dtype"] == "bfloat16"
+    out = convert_mcore_to_hf(tmp_path / "mcore", tmp_path / "back")
+    assert_bit_exact(src, out)
+    assert next(iter(read_hf(out).values())).dtype == torch.bfloat16
