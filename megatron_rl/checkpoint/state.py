@@ -146,6 +146,10 @@ def _is_distributed(optimizer) -> bool:
 
 
 def _optimizer_sharded_state_dict(optimizer, model, is_loading: bool, fmt: str) -> dict:
+    # Non-distributed optimizers store model-space state whatever `fmt` says; only the key
+    # prefixes of a chained optimizer depend on it, so save and load must pass the same value.
+    if not _is_distributed(optimizer):
+        fmt = "fully_reshardable"
     # mem_efficient: gather over the gloo DP group to DP rank 0 only (no `.cuda()` staging).
     metadata = {"distrib_optim_sharding_type": fmt, "chained_optim_avoid_prefix": True,
                 "distrib_optim_fully_reshardable_mem_efficient": True}

@@ -62,16 +62,21 @@ def test_resharding_tp2_to_pp2_and_tp1_and_back(tp2_run, hf_models):
     d, rec = tp2_run
     torchrun(2, WORKERS / "reshard.py", hf_models["qwen2"], d / "ckpt", d / "reshard.pt", timeout=600)
     got = torch.load(d / "reshard.pt")
-    # Weights reshard from TP=2 to PP=2 and to TP=1 (DP=2), with either optimizer format.
-    assert got["extra_pp2"]["step"] == 2
-    for key in ("weights_pp2_weights_only", "weights_pp2", "weights_dp2", "weights_back2"):
-        assert same(got[key], rec["weights_2"]), key
-    # dp_reshardable optimizer state is refused at another layout, in one paragraph.
+    # Weights reshard from TP=2 to PP=2 without the (dp_reshardable) optimizer state ...
+    assert got["extra_pp2"]["step"] == 2 and same(got["weights_pp2_weights_only"], rec["weights_2"])
+    # ... whose loading at another layout is refused, in one paragraph.
     msg = got["dp_reshardable_error"]
     assert msg and "tp=2 pp=1" in msg and "tp=1 pp=2" in msg and "\n" not in msg
-    # fully_reshardable: TP2 -> PP2 -> TP1xDP2 -> TP2 keeps the optimizer state bit for bit.
-    assert got["loss_back3"] == rec["losses_a"][2]
-    assert same(got["weights_back3"], rec["weights_a3"])
+    # fully_reshardable distributed optimizer ("full") and the non-distributed one ("nd"):
+    # TP2 -> PP2 -> TP1 x DP2 -> TP2 keeps weights and optimizer state bit for bit.
+    for name, weights_2, loss_3, weights_3 in (
+        ("full", rec["weights_2"], rec["losses_a"][2], rec["weights_a3"]),
+        ("nd", rec["nd_weights_2"], rec["nd_losses"][2], rec["nd_weights_3"]),
+    ):
+        for stop in ("pp2", "dp2", "back"):
+            assert same(got[f"{name}_weights_{stop}2"], weights_2), (name, stop)
+        assert got[f"{name}_loss_back3"] == loss_3, name
+        assert same(got[f"{name}_weights_back3"], weights_3), name
 
 
 # ----------------------------------------------------------------- kill -9 during a save

@@ -1,18 +1,21 @@
-"""Worker: a TP=2 checkpoint resumed at other layouts, and back, on 2 processes.
+"""Worker: TP=2 checkpoints resumed at other layouts, and back, on 2 processes.
 
 Usage (torchrun, 2 processes): reshard.py HF_DIR CKPT_ROOT OUT.pt   (after resume.py)
-1. PP=2: load CKPT_ROOT/step_2 (dp_reshardable optimizer) weights only, export; loading its
-   optimizer must be refused. Load CKPT_ROOT-full/step_2 (fully_reshardable) with the
-   optimizer, export, save to CKPT_ROOT-pp2.
-2. TP=1 (DP=2): load CKPT_ROOT-pp2 with the optimizer, export, save to CKPT_ROOT-dp2.
-3. TP=2 again: load CKPT_ROOT-dp2 with the optimizer, restore the original step-2 RNG
-   streams (RNG is only restored at the saved layout), train one step: must equal the
-   uninterrupted run's step 3 (resume.py's `weights_a3`).
+First, CKPT_ROOT/step_2 (dp_reshardable distributed optimizer) at PP=2: its weights load, its
+optimizer state is refused. Then for two checkpoints of step 2, CKPT_ROOT-full (distributed
+optimizer, fully_reshardable) and CKPT_ROOT-nd (non-distributed optimizer), the chain
+  TP=2 save -> load at PP=2, save -> load at TP=1 x DP=2, save -> load at TP=2
+with the optimizer each time, exporting the weights at every stop. At the end, with the
+original step-2 RNG streams restored by hand (RNG is only restored at the saved layout), one
+more step must equal the uninterrupted run's step 3 (resume.py's records).
 """
 
 import sys
+from pathlib import Path
 
 import torch
+
+CHAINS = {"full": True, "nd": False}  # checkpoint suffix: distributed optimizer?
 
 
 def relayout(tp: int, pp: int):
@@ -42,27 +45,21 @@ def main() -> None:
         rec["dp_reshardable_error"] = None
     except CheckpointError as e:
         rec["dp_reshardable_error"] = str(e)
-    _, _, model, opt = build(hf_dir, pp=2, topo=topo, load_hf=False)
-    load_checkpoint(f"{root}-full/step_00000002", model, opt)
-    rec["weights_pp2"] = export(model, dims, topo)
-    save_checkpoint(f"{root}-pp2", 2, model, opt, extra={}, keep_last=0, hf_dir=hf_dir,
-                    optimizer_format="fully_reshardable")
 
-    topo = relayout(tp=1, pp=1)
-    _, _, model, opt = build(hf_dir, topo=topo, load_hf=False)
-    load_checkpoint(f"{root}-pp2", model, opt)
-    rec["weights_dp2"] = export(model, dims, topo)
-    save_checkpoint(f"{root}-dp2", 2, model, opt, extra={}, keep_last=0, hf_dir=hf_dir,
-                    optimizer_format="fully_reshardable")
-
-    topo = relayout(tp=2, pp=1)
-    _, _, model, opt = build(hf_dir, tp=2, topo=topo, load_hf=False)
-    load_checkpoint(f"{root}-dp2", model, opt)
-    rec["weights_back2"] = export(model, dims, topo)
-    rng.restore(rng.load(__import__("pathlib").Path(root) / "step_00000002" / "rng" / f"rank_{topo.rank:05d}.pt"))
-    rec["rng_probe"] = torch.get_rng_state()
-    rec["loss_back3"] = train_step(model, opt, dims)
-    rec["weights_back3"] = export(model, dims, topo)
+    stops = [("pp2", 1, 2, "", "-pp2"), ("dp2", 1, 1, "-pp2", "-dp2"), ("back", 2, 1, "-dp2", None)]
+    for stop, tp, pp, src, dst in stops:
+        topo = topo if stop == "pp2" else relayout(tp=tp, pp=pp)
+        for name, distopt in CHAINS.items():
+            _, _, model, opt = build(hf_dir, tp=tp, pp=pp, topo=topo, load_hf=False, distributed_optimizer=distopt)
+            load_checkpoint(f"{root}-{name}{src}", model, opt)
+            rec[f"{name}_weights_{stop}2"] = export(model, dims, topo)
+            if dst is not None:
+                save_checkpoint(f"{root}-{name}{dst}", 2, model, opt, extra={}, keep_last=0,
+                                optimizer_format="fully_reshardable")
+            else:
+                rng.restore(rng.load(Path(f"{root}-{name}") / "step_00000002" / "rng" / f"rank_{topo.rank:05d}.pt"))
+                rec[f"{name}_loss_back3"] = train_step(model, opt, dims)
+                rec[f"{name}_weights_back3"] = export(model, dims, topo)
     if topo.rank == 0:
         torch.save(rec, out)
 

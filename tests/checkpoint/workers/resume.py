@@ -4,7 +4,9 @@ Usage (torchrun, TP = world size): resume.py HF_DIR CKPT_ROOT OUT.pt
 Run A: step 1, save (keep_last=2), step 2, save (also with the fully_reshardable optimizer
 format into CKPT_ROOT-full, for reshard.py), record the weights, step 3 (record loss and
 weights), save. Run B: fresh model + optimizer with megatron's random init and scrambled RNG,
-load step 2, train one step. Rank 0 writes both runs' records to OUT.pt; the test compares.
+load step 2, train one step. Run C (for reshard.py): run A's steps 1-3 with the
+non-distributed optimizer, saving step 2 into CKPT_ROOT-nd. Rank 0 writes the records to
+OUT.pt; the test compares.
 """
 
 import random
@@ -42,6 +44,14 @@ def main() -> None:
     rec["weights_b3"] = export(model, dims, topo)
     rec["extra_latest"] = load_checkpoint(root, model, None)  # `latest` -> step 3, weights only
     rec["weights_latest"] = export(model, dims, topo)
+
+    torch.manual_seed(4321)
+    _, _, model, opt = build(hf_dir, tp=world, topo=topo, distributed_optimizer=False)
+    rec["nd_losses"] = [train_step(model, opt, dims) for _ in range(2)]
+    save_checkpoint(f"{root}-nd", 2, model, opt, extra={}, keep_last=0, hf_dir=hf_dir)
+    rec["nd_weights_2"] = export(model, dims, topo)
+    rec["nd_losses"].append(train_step(model, opt, dims))
+    rec["nd_weights_3"] = export(model, dims, topo)
     if topo.rank == 0:
         torch.save(rec, out)
 
