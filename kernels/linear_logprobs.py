@@ -196,10 +196,14 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tem
             f"linear_logprobs needs hidden [N, H] and weight [V, H]; "
             f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
-    if labels.shape != hidden.shape[:1] or labels.dtype.is_floating_point:
+    if (
+        labels.shape != hidden.shape[:1]
+        or labels.dtype.is_floating_point
+        or labels.device != hidden.device
+    ):
         raise ValueError(
-            f"labels must be integer token ids of shape [{hidden.shape[0]}]; "
-            f"got {labels.dtype} {tuple(labels.shape)}"
+            f"labels must be integer token ids of shape [{hidden.shape[0]}] on {hidden.device}; "
+            f"got {labels.dtype} {tuple(labels.shape)} on {labels.device}"
         )
     if hidden.dtype != weight.dtype or hidden.device != weight.device:
         raise ValueError(
