@@ -33,18 +33,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.helpers (the tiny-model config builder)
+from _machine import cpu_device  # noqa: E402  (the script's own folder is on sys.path)
+
 CSV_PATH = ROOT / "benchmarks" / "results" / "bench_convert.csv"
 SHAPE = dict(hidden=1024, layers=20, heads=16, kv_heads=4, ffn=2816, vocab=32000, tie=False)
 
 
-def device() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu} x{os.cpu_count()} (CPU only)"
+device = cpu_device  # shared with the other benchmarks
 
 
 def evict(path: Path) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "rewards"))
 
+from _machine import cpu_device  # noqa: E402  (the script's own folder is on sys.path)
 from math_cases import CASES  # noqa: E402  (the test table doubles as the workload)
 
 from megatron_rl.rewards import RewardItem, RewardPool  # noqa: E402
@@ -35,14 +36,7 @@ CSV_PATH = ROOT / "benchmarks" / "results" / "bench_rewards.csv"
 CODE = "```python\nimport sys\nnums = list(map(int, sys.stdin.read().split()))\nprint(sum(nums))\n```"
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu} x{os.cpu_count()} (CPU only)"
+machine = cpu_device  # shared with the other benchmarks
 
 
 def code_tests(seed: int) -> dict[str, list[str]]:

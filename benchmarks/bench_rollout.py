@@ -37,6 +37,8 @@ from megatron_rl.rollout.types import RolloutRequest, SamplingParams
 from megatron_rl.weights.sync import DistributedSender, sync_weights
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+from _machine import cpu_device  # noqa: E402  (the script's own folder is on sys.path)
+
 CSV_PATH = ROOT / "benchmarks" / "results" / "bench_rollout.csv"
 SHAPES = {
     # Qwen2-0.5B's published architecture, randomly initialised (no weights are downloaded).
@@ -49,14 +51,7 @@ GEN_SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hi
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
 
 
-def device() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu} x{os.cpu_count()} (CPU only)"
+device = cpu_device  # shared with the other benchmarks
 
 
 def build_model(shape: dict, dtype: torch.dtype, path: pathlib.Path, seed: int = 0):
