@@ -46,7 +46,11 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--ckpt", required=True, help="checkpoint folder or checkpoint root")
     m.add_argument("--out", required=True, help="new HF folder (must not exist or be empty)")
     m.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    p.set_defaults(run=run_convert)
     return p
+
+
+add_parser = add_convert_parser  # the CLI's registry convention (megatron_rl.cli.main)
 
 
 def run_convert(args: argparse.Namespace) -> int:
