@@ -175,9 +175,12 @@ class Actor:
     # ------------------------------------------------------------------ public API
 
     @torch.no_grad()
-    def logprobs(self, mbs: list[MicroBatch], *, temperature: float = 1.0,
+    def logprobs(self, mbs: list[MicroBatch], *, temperature: float,
                  with_entropy: bool = False) -> list[dict[str, Tensor]]:
         """Per micro-batch {"logp": [B, S] (, "entropy")}, full sequences, on every rank.
+
+        ``temperature`` is the sampling temperature of the rollout (no default: a silent 1.0
+        against a recipe sampling at 0.6 would skew every ratio).
 
         The last pipeline stage broadcasts them to the others.
         """
@@ -205,7 +208,7 @@ class Actor:
         return result
 
     def train_step(self, mbs: list[MicroBatch], loss_fn: LossFn | TokenSeparableLoss, *,
-                   temperature: float = 1.0, with_entropy: bool = False) -> StepResult:
+                   temperature: float, with_entropy: bool = False) -> StepResult:
         """forward/backward over all micro-batches, then one optimizer update.
 
         ``with_entropy`` only matters for a plain ``LossFn`` (the fused path always has it).

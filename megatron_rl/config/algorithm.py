@@ -21,6 +21,8 @@ LossAggMode = Literal[
 ]
 KLEstimator = Literal["k1", "k2", "k3", "abs", "low_var_kl"]
 TISMode = Literal["none", "token", "sequence", "icepop-token", "icepop-sequence"]
+GSPO_MAX_CLIP = 0.01
+"""Largest clip epsilon accepted with GSPO (the paper uses 3e-4 / 4e-4)."""
 
 
 def choices(literal: object) -> tuple[str, ...]:
@@ -106,3 +108,22 @@ class AlgorithmConfig:
         require(self.dynamic_sampling_max_rounds >= 1, "`algorithm.dynamic_sampling_max_rounds` must be >= 1.")
         require(self.overlong_buffer_len >= 0, "`algorithm.overlong_buffer_len` must be >= 0 (0 = off).")
         require(self.overlong_penalty >= 0, "`algorithm.overlong_penalty` must be >= 0.")
+
+
+def check_trainable(cfg: AlgorithmConfig) -> None:
+    """Refuse settings that parse but would train wrongly (called for whole runs by RunConfig;
+    the loss functions themselves stay usable with any values, for tests of their maths)."""
+    if cfg.policy_loss == "gspo":
+        # GSPO's ratio is a length-normalised sequence ratio, ~1 +- 1e-3: the token-level
+        # clip range (0.2) never binds on it, so the run would train effectively unclipped.
+        require(
+            cfg.clip_low <= GSPO_MAX_CLIP and cfg.clip_high <= GSPO_MAX_CLIP,
+            f"`algorithm.policy_loss: gspo` clips a sequence-level ratio, which stays within ~1e-3 "
+            f"of 1, so clip_low={cfg.clip_low} / clip_high={cfg.clip_high} would never clip: use "
+            f"the GSPO paper's range, clip_low=3e-4 and clip_high=4e-4 (at most {GSPO_MAX_CLIP}).",
+        )
+        require(
+            cfg.loss_agg_mode == "seq-mean-token-mean",
+            f"`algorithm.policy_loss: gspo` is a sequence-level objective: set "
+            f"`algorithm.loss_agg_mode: seq-mean-token-mean` (got {cfg.loss_agg_mode!r}).",
+        )

@@ -18,6 +18,13 @@ class CheckpointConfig:
     """Keep only the newest K checkpoints; 0 keeps all."""
     resume: str = "auto"
     """`auto` resumes from `dir/latest` if present, `none` starts fresh, or a checkpoint path."""
+    init_from: str = ""
+    """Start a new stage from another run's checkpoint (a root, following `latest`, or a step
+    directory): weights, optimizer state, step count and data position are kept; this run's own
+    checkpoints go to `dir`. Ignored once `dir` holds a checkpoint of this run (resume wins)."""
+    export_hf: bool = True
+    """Write a Hugging Face model (safetensors + config + tokenizer) to `<logging.output_dir>/hf`
+    at the end of the run."""
     save_optimizer: bool = True
     """Save optimizer state (needed for exact resume)."""
     optimizer_format: OptimizerFormat = "dp_reshardable"

@@ -21,6 +21,9 @@ class EvalConfig:
     """Nucleus sampling at evaluation (1 = off; the R1-distill evaluations, DeepScaleR's included, use 0.95)."""
     max_new_tokens: int = 8192
     """Generation budget at evaluation."""
+    at_start: bool = False
+    """Also evaluate before the first step (the starting model's score); a run with eval files
+    always evaluates after its last step."""
 
     def __post_init__(self) -> None:
         require(self.every_steps >= 0, "`eval.every_steps` must be >= 0.")

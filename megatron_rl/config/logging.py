@@ -13,4 +13,6 @@ class LoggingConfig:
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
     """wandb mode; offline writes a run directory to sync later."""
     log_samples: int = 2
-    """Rollout samples printed/logged per step, for eyeballing."""
+    """Rollout samples written to samples.jsonl per step (prompt, response, reward), for eyeballing."""
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    """Console progress: a bar on a terminal, one plain line per step otherwise (auto)."""

@@ -14,6 +14,9 @@ class ParallelConfig:
     """Pipeline-parallel size: splits layers into stages (1F1B schedule)."""
     cp: int = 1
     """Context-parallel size: splits each sequence (load-balanced 2*cp chunks) across ranks."""
+    dp: int = 1
+    """Data-parallel size. The trainer world is tp*pp*cp*dp processes: `megatron-rl train` starts
+    that many locally, and under torchrun/srun the launched world must be exactly that size."""
     sp: bool = False
     """Sequence parallelism inside each TP group (needs tp > 1); saves activation memory."""
     num_microbatches: int = 1
@@ -24,7 +27,7 @@ class ParallelConfig:
     """Overlap the data-parallel gradient all-reduce with the backward pass (GPU runs)."""
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "cp", "num_microbatches"):
+        for name in ("tp", "pp", "cp", "dp", "num_microbatches"):
             require(getattr(self, name) >= 1, f"`parallel.{name}` must be >= 1, got {getattr(self, name)}.")
         require(not self.sp or self.tp > 1,
                 "`parallel.sp=true` (sequence parallel) needs `parallel.tp` > 1; set sp=false or raise tp.")
@@ -32,6 +35,11 @@ class ParallelConfig:
     @property
     def model_parallel_size(self) -> int:
         return self.tp * self.pp * self.cp
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the trainer world (tp * pp * cp * dp)."""
+        return self.model_parallel_size * self.dp
 
 
 def check_layout(

@@ -54,6 +54,12 @@ class RolloutConfig:
     """Most tokens generated per sample (longer samples finish with reason `length`)."""
     n_samples: int = 8
     """Samples per prompt (GRPO group size)."""
+    deterministic: bool = False
+    """Results depend only on each request's seed, never on batching (embedded: `--deterministic`;
+    SGLang: `--enable-deterministic-inference`). Needed for bit-exact resume; costs speed."""
+    max_abort_retries: int = 2
+    """A sample that comes back aborted (server paused or restarted mid-request) is re-requested
+    this many times with the same seed; then its whole group is dropped, never graded."""
 
     def __post_init__(self) -> None:
         require(self.num_servers >= 1, "`rollout.num_servers` must be >= 1.")

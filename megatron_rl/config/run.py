@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from megatron_rl.config.algorithm import AlgorithmConfig
+from megatron_rl.config.algorithm import AlgorithmConfig, check_trainable
 from megatron_rl.config.base import apply_override, from_dict, require, to_dict
 from megatron_rl.config.checkpoint import CheckpointConfig
 from megatron_rl.config.data import DataConfig
@@ -59,6 +59,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         require(self.seed >= 0, "`seed` must be >= 0.")
+        check_trainable(self.algorithm)
         # Checks that span sections; each section validates itself.
         # `rollout.n_samples` is the group size. Every advantage estimator uses a group
         # baseline: with one sample per prompt every advantage is 0 and nothing is learnt.

@@ -103,7 +103,7 @@ def test_sum_over_chunks_equals_actor_loss(overrides):
 
 
 def test_gspo_is_refused():
-    cfg = AlgorithmConfig(policy_loss="gspo", clip_low=3e-4, clip_high=4e-4)
+    cfg = AlgorithmConfig(policy_loss="gspo", clip_low=3e-4, clip_high=4e-4, loss_agg_mode="seq-mean-token-mean")
     assert not token_separable(cfg) and token_separable(AlgorithmConfig())
     _, _, c = batch(3)
     with pytest.raises(ConfigError, match="gspo"):

@@ -50,14 +50,14 @@ def main() -> None:
         bonus = aggregate(ent, mb.loss_mask_BS, "token-mean", norm)
         return nll - 0.1 * bonus, {}
 
-    logps = [o["logp"] for o in actor.logprobs(mbs)]
+    logps = [o["logp"] for o in actor.logprobs(mbs, temperature=1.0)]
     def token_loss(mb):  # loss_fn as per-token terms over the flattened [B * S] tokens
         w_seq = aggregation_weights(mb.loss_mask_BS, "seq-mean-token-mean", norm).reshape(-1)
         w_tok = aggregation_weights(mb.loss_mask_BS, "token-mean", norm).reshape(-1)
         return lambda lp, ent, rows: -lp * w_seq[rows] - 0.1 * ent * w_tok[rows]
 
     step_loss = TokenSeparableLoss(token_loss, loss_fn) if fused else loss_fn
-    res = actor.train_step(mbs[topo.dp_rank::topo.dp], step_loss, with_entropy=True)
+    res = actor.train_step(mbs[topo.dp_rank::topo.dp], step_loss, temperature=1.0, with_entropy=True)
     after = dict(export_hf(model[0], dims, topo, all_stages=True))
     if topo.rank == 0:
         grads = {k: before[k] - after[k] for k in before}

@@ -55,7 +55,7 @@ def build_actor(hf_dir: str):
 def actor_logprobs(actor, seqs) -> list[list[float]]:
     from megatron_rl.actor.forward import MicroBatch
 
-    (out,) = actor.logprobs([MicroBatch(tokens_BS=torch.tensor(seqs), loss_mask_BS=torch.ones(len(seqs), len(seqs[0])))])
+    (out,) = actor.logprobs([MicroBatch(tokens_BS=torch.tensor(seqs), loss_mask_BS=torch.ones(len(seqs), len(seqs[0])))], temperature=1.0)
     return out["logp"][:, :-1].tolist()  # column t: log p(token t+1 | tokens <= t); the last is padding
 
 
@@ -68,7 +68,7 @@ def train_towards_target(actor) -> float:
     def loss_fn(logp, ent, m):
         return -(logp * m.loss_mask_BS).sum() / m.loss_mask_BS.sum(), {}
 
-    return actor.train_step([mb], loss_fn).metrics["loss"]
+    return actor.train_step([mb], loss_fn, temperature=1.0).metrics["loss"]
 
 
 def save_export(actor, topo, path: Path) -> None:
