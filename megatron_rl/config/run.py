@@ -26,6 +26,7 @@ from megatron_rl.config.optimizer import OptimizerConfig
 from megatron_rl.config.parallel import ParallelConfig
 from megatron_rl.config.reward import RewardConfig
 from megatron_rl.config.rollout import RolloutConfig
+from megatron_rl.config.sft import SFTConfig
 from megatron_rl.config.train import TrainConfig
 from megatron_rl.errors import ConfigError
 
@@ -54,6 +55,8 @@ class RunConfig:
     """Saving and resuming."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and samples."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised fine-tuning (`megatron-rl sft`)."""
     seed: int = 1234
     """Seed of every random stream (data order, init, sampling, dropout)."""
 

@@ -1,0 +1,87 @@
+"""The trainer world: join the one we are in (torchrun, srun), or start it on this machine.
+
+``megatron-rl train`` run plainly starts ``torchrun --nproc-per-node W`` on itself (W =
+``parallel.world_size``) and supervises it: SIGTERM / SIGUSR1 (Slurm's pre-emption warning)
+are forwarded to every trainer process, which checkpoint after the current step and exit
+0; Ctrl-C stops everything. torchrun is started with a parent-death signal, so killing the
+supervisor (even with SIGKILL) takes the world down with it instead of leaving orphans.
+Under torchrun the variables it sets (RANK, WORLD_SIZE, MASTER_ADDR, ...) are used as they
+are; under srun without torchrun, Slurm's (SLURM_PROCID, SLURM_NTASKS, ...) are mapped to them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Linux: deliver ``sig`` to this process when its parent dies (no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except OSError:
+        pass
+
+
+def in_launched_world() -> bool:
+    """True under torchrun (or srun, after ``adopt_slurm_env``)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def adopt_slurm_env() -> None:
+    """Map srun's task variables to torch.distributed's when no torchrun set them."""
+    env = os.environ
+    if in_launched_world() or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env or "MASTER_ADDR" not in env:
+        return
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+    env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    env.setdefault("MASTER_PORT", "29500")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def supervise(argv: list[str], nproc: int) -> int:
+    """Run ``megatron-rl <argv>`` as ``nproc`` local trainer processes; returns their exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
+           f"--master-port={_free_port()}", "--master-addr=127.0.0.1", "-m", "megatron_rl", *argv]
+    proc = subprocess.Popen(cmd, preexec_fn=set_parent_death_signal)
+
+    def forward(signum, frame):
+        # torchrun would kill its workers on SIGTERM and die on SIGUSR1: tell the workers
+        # themselves, which checkpoint and exit 0, and torchrun then exits 0 too.
+        for pid in _children(proc.pid):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, forward)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the terminal sent SIGINT to the whole foreground group
+        try:
+            return proc.wait(timeout=30)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            return 130

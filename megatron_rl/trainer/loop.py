@@ -1,0 +1,256 @@
+"""``megatron-rl train``: the RL step as named phases (one rollout batch per step).
+
+    generate -> reward -> shape -> log-probs -> advantages -> train -> sync -> checkpoint/eval -> metrics
+
+Rank 0 generates and grades (``generate``), every rank receives the scored samples, each
+data-parallel rank trains on its own share (``batching``), and the actor's new weights go
+to the rollout servers before the next step. A stop signal (SIGTERM, or SIGUSR1 from
+Slurm before a time limit) finishes the current step, checkpoints and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+from megatron_rl import algos
+from megatron_rl.config.run import RunConfig, to_dict
+from megatron_rl.errors import RolloutError
+from megatron_rl.trainer import steps
+from megatron_rl.trainer.batching import pack
+from megatron_rl.trainer.dist_utils import any_rank, broadcast, on_rank0
+from megatron_rl.trainer.gate import check_gate, step_mismatch
+from megatron_rl.trainer.metrics import eval_metrics, sample_metrics
+from megatron_rl.trainer.session import Session, open_session
+
+log = logging.getLogger("megatron_rl.train")
+EVAL_STEP_SEED = 1 << 30  # eval seeds do not depend on the training step: same draws every time
+
+
+class StopRequested:
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the end of the step and exits 0."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame) -> None:
+        log.warning("received %s: finishing this step, then checkpointing and exiting", signal.Signals(signum).name)
+        self.flag = True
+
+
+class Trainer:
+    def __init__(self, s: Session):
+        self.s, self.cfg = s, s.cfg
+        self.timings: dict[str, float] = defaultdict(float)
+        self.logger = None
+        self.last_saved = s.start_step
+        self.sample_log: list[dict] = []
+
+    @contextmanager
+    def phase(self, step: int, name: str):
+        if self.logger is not None:
+            self.logger.phase(step, name)
+        t0 = time.perf_counter()
+        yield
+        self.timings[f"time/{name}"] += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> int:
+        s, cfg = self.s, self.cfg
+        stop = StopRequested()
+        if s.rank0:
+            from megatron_rl.trainer.logger import RunLogger
+
+            self.logger = RunLogger(cfg.logging, s.out_dir, total_steps=cfg.train.num_steps, start_step=s.start_step,
+                                    config_dict=to_dict(cfg))
+        try:
+            self.sync(s.start_step)  # the servers serve exactly the trainer's weights from step one
+            if cfg.eval.at_start and s.start_step == 0 and cfg.eval.files:
+                self.evaluate(0)
+            for step in range(s.start_step, cfg.train.num_steps):
+                self.timings.clear()
+                t0 = time.perf_counter()
+                metrics = self.train_step(step)
+                metrics["time/step"] = time.perf_counter() - t0
+                if self.logger is not None:
+                    self.logger.step(step, metrics, self.sample_log)
+                if any_rank(stop.flag):
+                    self.save(step + 1)
+                    log.warning("stopped by signal after step %d; checkpoint saved", step + 1) if s.rank0 else None
+                    return 0
+            if cfg.train.num_steps > self.last_saved:
+                self.save(cfg.train.num_steps)
+            if cfg.eval.files:
+                self.evaluate(cfg.train.num_steps)
+            if cfg.checkpoint.export_hf:
+                from megatron_rl.trainer.export import export_hf_dir
+
+                out = export_hf_dir(s.actor.model[0], s.dims, s.topo, s.out_dir / "hf", s.hf_dir)
+                log.info("Hugging Face export: %s", out) if s.rank0 else None
+            return 0
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, step: int) -> dict[str, float]:
+        s, cfg = self.s, self.cfg
+        with self.phase(step, "generate"):  # + reward: graded as samples arrive
+            groups, gen_metrics = self.generate(step)
+        samples = [x for g in groups for x in g]
+        with self.phase(step, "shape"):
+            metrics = {**gen_metrics, **steps.shape(cfg, samples), **sample_metrics(samples, cfg.rollout.max_new_tokens)}
+            adv = steps.advantages(cfg, samples)
+        self.sample_log = [{"data_source": x.data_source, "reward": x.reward, "finish": x.finish_reason,
+                            "prompt_len": len(x.prompt_ids), "response": x.extra.get("text", "")}
+                           for x in samples[: cfg.logging.log_samples]]
+        metrics.update(self.train_updates(step, samples, adv))
+        with self.phase(step, "sync"):
+            self.sync(step + 1)
+        if cfg.checkpoint.dir and (step + 1) % cfg.checkpoint.save_every == 0:
+            with self.phase(step, "checkpoint"):
+                self.save(step + 1)
+        if cfg.eval.files and cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 \
+                and step + 1 < cfg.train.num_steps:
+            with self.phase(step, "evaluate"):
+                self.evaluate(step + 1)
+        metrics.update(self.timings)
+        gen_tokens = sum(len(x.response_ids) for x in samples)
+        metrics["perf/generated_tokens_per_s"] = gen_tokens / max(self.timings["time/generate"], 1e-9)
+        return metrics
+
+    def generate(self, step: int):
+        """Rank 0 generates and grades; every rank gets the groups (or the error that stopped it)."""
+        s = self.s
+        result = None
+        if s.rank0:
+            from megatron_rl.trainer.generate import Generator
+
+            try:
+                gen = Generator(self.cfg, s.client, s.pool, s.tokenizer)
+                out = s.run(gen.step(s.stream, step))
+                result = ("ok", out.groups, out.metrics)
+            except RolloutError as e:
+                result = ("rollout_error", str(e), None)
+        result = broadcast(result)
+        if result[0] == "rollout_error":
+            # Nothing of this step was trained: the last completed step is what we keep.
+            if self.cfg.checkpoint.dir and step > self.last_saved:
+                self.save(step)
+            raise RolloutError(f"{result[1]} The run saved its state after step {step} and stopped; start the "
+                               "same command again once servers are back (it resumes from there).")
+        return result[1], result[2]
+
+    def train_updates(self, step: int, samples, adv) -> dict[str, float]:
+        """log-probs of every update's samples under the pre-step weights, the gate, then the updates."""
+        s, cfg, topo = self.s, self.cfg, self.s.topo
+        parts = steps.mini_batches(cfg, samples)
+        if not parts:
+            return {"train/updates": 0.0}
+        temperature = cfg.rollout.temperature
+        packs = []
+        with self.phase(step, "logprobs"):
+            for idx in parts:
+                sub = [samples[i] for i in idx]
+                packed = pack(sub, [adv[i] for i in idx], dp=topo.dp, dp_rank=topo.dp_rank,
+                              max_tokens=cfg.train.max_tokens_per_microbatch,
+                              micro_batch_size=cfg.train.micro_batch_size, pad_multiple=steps.pad_multiple(cfg),
+                              uniform_shape=cfg.parallel.pp > 1)
+                for mb, out in zip(packed.micro_batches, s.actor.logprobs(packed.micro_batches, temperature=temperature)):
+                    mb.old_logp_BS = out["logp"]
+                if s.ref_actor is not None:
+                    refs = s.ref_actor.logprobs(packed.micro_batches, temperature=temperature)
+                    for mb, out in zip(packed.micro_batches, refs):
+                        mb.ref_logp_BS = out["logp"]
+                packs.append(packed)
+        mbs = [mb for p in packs for mb in p.micro_batches]
+        metrics = step_mismatch([mb.old_logp_BS for mb in mbs], mbs, topo.dp_group if topo.dp > 1 else None)
+        # Every step follows a sync (the previous step's, or the one at start-up): gate it.
+        check_gate(metrics, dtype=cfg.model.dtype, threshold=cfg.train.mismatch_threshold, step=step,
+                   version=f"step{step}")
+        totals: dict[str, float] = defaultdict(float)
+        updates_per_step = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
+        with self.phase(step, "train"):
+            for u, packed in enumerate(packs):
+                for mb in packed.micro_batches:
+                    corr = algos.correct_mismatch(cfg.algorithm, mb.old_logp_BS, mb.rollout_logp_BS, mb.loss_mask_BS)
+                    mb.loss_mask_BS, mb.weight_BS = corr.mask_BT.float(), corr.weight_BT
+                norm = algos.build_normalizer([mb.loss_mask_BS for mb in packed.micro_batches], cfg.rollout.max_new_tokens,
+                                              topo.dp_group if topo.dp > 1 else None)
+                update = step * updates_per_step + u
+                lr = steps.learning_rate(cfg.optimizer, update, cfg.train.num_steps * updates_per_step)
+                steps.set_lr(s.actor.optimizer, lr)
+                res = s.actor.train_step(packed.micro_batches, steps.build_loss(cfg, norm), temperature=temperature,
+                                         with_entropy=True)
+                for k, v in res.metrics.items():
+                    totals[k] += v / len(packs)
+                totals["actor/grad_norm"] += res.grad_norm / len(packs)
+                totals["train/skipped_updates"] += float(res.skipped)
+                totals["optimizer/lr"] = lr
+        pad = sum(p.padded_tokens for p in packs)
+        real = sum(p.real_tokens for p in packs)
+        totals["perf/padding_frac"] = 1.0 - real / max(pad, 1)
+        totals["train/updates"] = float(len(packs))
+        totals["perf/train_tokens_per_s"] = real * topo.dp / max(self.timings["time/train"], 1e-9)
+        return {**metrics, **totals}
+
+    # ------------------------------------------------------------------ services
+    def sync(self, version_step: int) -> None:
+        from megatron_rl.weights.actor_sync import sync_actor_weights
+
+        s, cfg = self.s, self.cfg
+        s.run(sync_actor_weights(
+            s.actor.model[0], s.dims, s.topo, s.client if s.rank0 else None, sender=s.sender,
+            bucket_bytes=cfg.rollout.bucket_size_mb << 20, transport=cfg.rollout.sync_transport,
+            disk_dir=s.out_dir / "sync", weight_version=f"step{version_step}"))
+
+    def save(self, completed: int) -> None:
+        from megatron_rl.checkpoint.state import save_checkpoint
+
+        s, cfg = self.s, self.cfg
+        if not cfg.checkpoint.dir:
+            return
+        extra = {"data": s.stream.state_dict() if s.rank0 else None, "data_files": list(cfg.data.train_files)}
+        save_checkpoint(cfg.checkpoint.dir, completed, s.actor.model, s.actor.optimizer if cfg.checkpoint.save_optimizer
+                        else None, extra=extra, keep_last=cfg.checkpoint.keep_last, hf_dir=s.hf_dir,
+                        optimizer_format=cfg.checkpoint.optimizer_format)
+        self.last_saved = completed
+
+    def evaluate(self, step: int) -> None:
+        s, cfg = self.s, self.cfg
+
+        def work():
+            from megatron_rl.trainer.generate import Generator
+
+            gen = Generator(cfg, s.client, s.pool, s.tokenizer)
+            problems = [s.eval_set[i] for i in range(len(s.eval_set))]
+            groups, _ = s.run(gen.run_groups(problems, cfg.eval.n_samples, EVAL_STEP_SEED, eval_mode=True))
+            return eval_metrics(groups, cfg.eval.pass_k)
+
+        metrics = on_rank0(work)
+        if self.logger is not None:
+            self.logger.evaluation(step, metrics)
+
+
+def train(cfg: RunConfig) -> int:
+    """Run ``cfg`` in this process as one rank of the trainer world (torchrun/srun or alone)."""
+    from megatron_rl.parallel.topology import Topology
+    from megatron_rl.trainer.session import torch_threads
+
+    torch_threads()
+    s = open_session(cfg)
+    try:
+        return Trainer(s).run()
+    finally:
+        s.close()
+        Topology.destroy()
+
+
+__all__ = ["Trainer", "train", "torch"]

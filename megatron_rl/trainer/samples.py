@@ -1,0 +1,45 @@
+"""``ScoredSample``: one generated response after grading, as every trainer rank sees it.
+
+The rollout contract (``rollout.types.Sample``) ends at the client; the trainer keeps what
+the loss and the metrics need, in plain Python types so the list can be broadcast from
+rank 0 to every rank (``torch.distributed.broadcast_object_list``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ScoredSample:
+    uid: int
+    """Row id of the problem in the dataset (``data.Problem.uid``)."""
+    group: int
+    """Index of the problem within this step (samples of one prompt share it)."""
+    sample_index: int
+    """Which of the group's n samples this is."""
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float]
+    """The engine's log-probs of ``response_ids`` (under the sampling temperature)."""
+    finish_reason: str
+    """stop, length or abort (aborted samples never reach the trainer; see ``generate``)."""
+    data_source: str
+    score: float = 0.0
+    """The grader's score (before shaping)."""
+    reward: float = 0.0
+    """The reward the advantages use (score plus shaping such as the overlong penalty)."""
+    grade_tag: str = ""
+    """The grader's reason; ``grader_error*`` / ``sandbox_lost`` mean the grade is unknown."""
+    trainable: bool = True
+    """False when the sample is masked out of the loss (grader failure, overlong filter)."""
+    weight_version: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+    @property
+    def grader_failed(self) -> bool:
+        return self.grade_tag.startswith(("grader_error", "sandbox_lost"))

@@ -1,0 +1,204 @@
+"""Everything one run holds, built in order and torn down in reverse.
+
+All ranks: the topology, the actor (DDP model + optimizer, loaded from the start point),
+the frozen reference model when ``kl_coef > 0``, and the weight-sync sender. Rank 0 only:
+the tokenizer and datasets, the rollout servers (launched, or attached via
+``rollout.server_urls``), the rollout client and the reward pool. Steps that only rank 0
+performs share their outcome with every rank (``dist_utils.on_rank0``), so a bad data file
+or a server that will not start stops the whole world with one clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_rl.config.run import RunConfig, dump_config
+from megatron_rl.errors import ConfigError
+from megatron_rl.trainer.dist_utils import broadcast, on_rank0
+from megatron_rl.trainer.resume import StartPoint, find_start
+
+log = logging.getLogger("megatron_rl.train")
+
+
+def check_world(cfg: RunConfig) -> None:
+    """The launched world must be the recipe's (tp*pp*cp*dp)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want = cfg.parallel.world_size
+    if world != want:
+        p = cfg.parallel
+        raise ConfigError(
+            f"This job runs {world} trainer processes, but the recipe's layout tp={p.tp} x pp={p.pp} x "
+            f"cp={p.cp} x dp={p.dp} needs {want}: launch {want} processes (torchrun --nproc-per-node "
+            f"{want}), or set `parallel.dp={max(world // p.model_parallel_size, 1)}` when {world} is a "
+            f"multiple of tp*pp*cp = {p.model_parallel_size}.")
+
+
+@dataclass
+class Session:
+    cfg: RunConfig
+    topo: Any
+    dims: Any
+    hf_dir: Path
+    actor: Any
+    ref_actor: Any | None
+    start: StartPoint
+    start_step: int
+    extra: dict[str, Any]
+    out_dir: Path
+    loop: asyncio.AbstractEventLoop
+    stack: ExitStack = field(default_factory=ExitStack)
+    # rank 0 only
+    tokenizer: Any = None
+    stream: Any = None
+    eval_set: Any = None
+    client: Any = None
+    pool: Any = None
+    sender: Any = None
+
+    @property
+    def rank0(self) -> bool:
+        return self.topo.rank == 0
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        try:
+            if self.sender is not None:
+                self.run(self.sender.close())
+            if self.client is not None:
+                self.run(self.client.close())
+        finally:
+            self.stack.close()
+            self.loop.close()
+
+
+def build_actor(cfg: RunConfig, topo, dims, *, optimizer: bool = True):
+    from megatron_rl.actor.actor import Actor
+    from megatron_rl.actor.model import build_model, build_optimizer
+    from megatron_rl.models.builder import DTYPES
+
+    model = build_model(dims, cfg.parallel, cfg.model, topo, ddp=optimizer)
+    opt = build_optimizer(model, cfg.optimizer, cfg.parallel, DTYPES[cfg.model.dtype]) if optimizer else None
+    return Actor(model, dims, topo, opt)
+
+
+def load_start(cfg: RunConfig, actor, start: StartPoint, topo, dims) -> tuple[int, dict[str, Any]]:
+    """Fill the actor from the start point; returns (completed steps, the checkpoint's extra)."""
+    from megatron_rl.actor.model import load_model_weights
+    from megatron_rl.checkpoint.state import load_checkpoint
+
+    if start.kind == "fresh":
+        load_model_weights(actor.model, cfg.model.path, dims, cfg.parallel, cfg.model, topo)
+        actor.optimizer.reload_model_params()
+        return 0, {}
+    extra = load_checkpoint(start.path, actor.model, actor.optimizer, load_optimizer=True,
+                            load_rng=start.kind == "resume")
+    return int(extra.get("step", 0)), extra
+
+
+def open_session(cfg: RunConfig) -> Session:
+    from megatron_rl.actor.model import load_model_weights, resolve_model_dir
+    from megatron_rl.models.hf_config import read_dims
+    from megatron_rl.parallel.topology import Topology
+
+    check_world(cfg)
+    topo = Topology.initialize(cfg.parallel, seed=cfg.seed)
+    out_dir = Path(cfg.logging.output_dir)
+    start = on_rank0(lambda: find_start(cfg))
+    hf_dir = Path(on_rank0(lambda: str(resolve_model_dir(cfg.model.path))))
+    dims = read_dims(hf_dir)
+    actor = build_actor(cfg, topo, dims)
+    start_step, extra = load_start(cfg, actor, start, topo, dims)
+    ref_actor = None
+    if cfg.algorithm.kl_coef > 0:
+        # The reference is the stage's starting model, frozen: the previous stage's weights
+        # for a stage, model.path otherwise (the same on every resume of this run).
+        ref_actor = build_actor(cfg, topo, dims, optimizer=False)
+        ref_src = cfg.checkpoint.init_from or cfg.model.path
+        load_model_weights(ref_actor.model, ref_src, dims, cfg.parallel, cfg.model, topo)
+        for p in ref_actor.model[0].parameters():
+            p.requires_grad_(False)
+    s = Session(cfg=cfg, topo=topo, dims=dims, hf_dir=hf_dir, actor=actor, ref_actor=ref_actor, start=start,
+                start_step=start_step, extra=extra, out_dir=out_dir, loop=asyncio.new_event_loop())
+    try:
+        _open_services(s)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def _open_data(s: Session) -> str:
+    from megatron_rl.data.prompts import PromptDataset, PromptStream
+    from megatron_rl.data.template import load_tokenizer
+
+    cfg = s.cfg
+    s.out_dir.mkdir(parents=True, exist_ok=True)
+    (s.out_dir / "config.yaml").write_text(dump_config(cfg))
+    s.tokenizer = load_tokenizer(str(s.hf_dir))
+    dataset = PromptDataset.from_config(cfg.data, s.tokenizer)
+    s.stream = PromptStream(dataset, seed=cfg.seed, shuffle=cfg.data.shuffle)
+    data_state = s.extra.get("data")
+    if data_state and s.extra.get("data_files") == list(cfg.data.train_files):
+        s.stream.load_state_dict(data_state)
+    if cfg.eval.files:
+        s.eval_set = PromptDataset.from_config(cfg.data, s.tokenizer, files=list(cfg.eval.files))
+    log.info("data: %d prompts (%d dropped over data.max_prompt_len=%d)%s", len(dataset), dataset.num_dropped,
+             cfg.data.max_prompt_len, f", {len(s.eval_set)} eval problems" if s.eval_set is not None else "")
+    return "ok"
+
+
+def _server_model_dir(s: Session) -> Path:
+    """An HF directory with weights for the servers to boot from (synced right after)."""
+    from megatron_rl.trainer.export import export_hf_dir
+
+    if any(s.hf_dir.glob("*.safetensors")) or (s.hf_dir / "model.safetensors.index.json").exists():
+        return s.hf_dir
+    return export_hf_dir(s.actor.model[0], s.dims, s.topo, s.out_dir / "hf_init", s.hf_dir)
+
+
+def _open_services(s: Session) -> None:
+    from megatron_rl.weights.actor_sync import connect_actor_sender
+
+    cfg = s.cfg
+    on_rank0(lambda: _open_data(s))
+    server_dir = _server_model_dir(s) if not cfg.rollout.server_urls else s.hf_dir
+
+    def start_services() -> str:
+        from megatron_rl.rewards import RewardPool
+        from megatron_rl.rollout.client import RolloutClient
+        from megatron_rl.rollout.servers import ServerManager
+
+        urls = list(cfg.rollout.server_urls)
+        if not urls:
+            manager = ServerManager(cfg.rollout, str(server_dir), log_dir=s.out_dir / "servers")
+            s.stack.enter_context(manager)
+            urls = manager.start()
+        s.client = RolloutClient.from_config(cfg.rollout, urls)
+        s.pool = s.stack.enter_context(RewardPool(
+            cfg.reward.num_workers, max_queue=max(64, 2 * cfg.reward.num_workers),
+            math_timeout_s=cfg.reward.timeout_s, code_timeout_s=cfg.reward.code_test_timeout_s))
+        return ",".join(urls)
+
+    urls = on_rank0(start_services)
+    log.info("rollout servers: %s", urls) if s.rank0 else None
+    if cfg.rollout.sync_transport == "distributed":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        s.sender = s.run(connect_actor_sender(s.topo, s.client if s.rank0 else None, backend=backend,
+                                              timeout_s=cfg.rollout.health_timeout_s))
+    broadcast(None)
+
+
+def torch_threads() -> None:
+    """One CPU thread per trainer process when several share a CPU machine (no GPU)."""
+    if not torch.cuda.is_available() and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))

@@ -1,0 +1,109 @@
+"""The pure parts of a step: shaping, advantages, mini-batches, the loss, the learning rate.
+
+Everything here is a function of its arguments (no I/O, no collectives besides the DP
+normaliser), so the driver in ``loop`` reads as phases and these pieces test alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron_rl import algos
+from megatron_rl.actor.actor import TokenSeparableLoss
+from megatron_rl.config.optimizer import OptimizerConfig
+from megatron_rl.config.run import RunConfig
+from megatron_rl.trainer.samples import ScoredSample
+
+
+def shape(cfg: RunConfig, samples: list[ScoredSample]) -> dict[str, float]:
+    """Rewards and trainability from scores: overlong penalty, overlong filter, grader failures."""
+    a = cfg.algorithm
+    if not samples:
+        return {}
+    lengths = torch.tensor([len(s.response_ids) for s in samples])
+    pen, metrics = algos.overlong_penalty(lengths, cfg.rollout.max_new_tokens, a.overlong_buffer_len, a.overlong_penalty)
+    out = {k: float(v) for k, v in metrics.items()}
+    for s, p in zip(samples, pen.tolist()):
+        s.reward = s.score + p
+        if s.grader_failed:
+            s.trainable = False  # unknown grade: neither a wrong nor a right answer
+        if a.overlong_filter and s.finish_reason == "length":
+            s.trainable = False
+    out["reward/grader_failed"] = float(sum(s.grader_failed for s in samples))
+    out["overlong/filtered"] = float(sum(a.overlong_filter and s.finish_reason == "length" for s in samples))
+    return out
+
+
+def advantages(cfg: RunConfig, samples: list[ScoredSample]) -> list[float]:
+    """Per-sample advantages; samples whose grade is unknown are left out of their group's baseline."""
+    known = [i for i, s in enumerate(samples) if not s.grader_failed]
+    adv = [0.0] * len(samples)
+    if not known:
+        return adv
+    reward = torch.tensor([samples[i].reward for i in known], dtype=torch.float32)
+    group = torch.tensor([samples[i].group for i in known])
+    for i, a in zip(known, algos.compute_advantages(cfg.algorithm, reward, group).tolist()):
+        adv[i] = float(a)
+    return adv
+
+
+def mini_batches(cfg: RunConfig, samples: list[ScoredSample]) -> list[list[int]]:
+    """Sample indices per optimizer update: groups split into ``prompts_per_step / mini_batch_prompts`` parts."""
+    updates = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
+    groups = sorted({s.group for s in samples})
+    if not groups:
+        return []
+    per = max(1, math.ceil(len(groups) / updates))
+    parts = [set(groups[i:i + per]) for i in range(0, len(groups), per)]
+    return [[i for i, s in enumerate(samples) if s.group in part] for part in parts]
+
+
+def pad_multiple(cfg: RunConfig) -> int:
+    p = cfg.parallel
+    m = 2 * p.cp if p.cp > 1 else 1
+    if p.sp:
+        m = m * p.tp // math.gcd(m, p.tp)
+    return m
+
+
+def learning_rate(opt: OptimizerConfig, update: int, total_updates: int) -> float:
+    """The schedule as a pure function of the update count (so a resume needs no state)."""
+    if opt.warmup_steps and update < opt.warmup_steps:
+        return opt.lr * (update + 1) / opt.warmup_steps
+    if opt.schedule == "constant" or total_updates <= opt.warmup_steps:
+        return opt.lr
+    frac = min(1.0, (update - opt.warmup_steps) / max(1, total_updates - opt.warmup_steps))
+    if opt.schedule == "linear":
+        return opt.min_lr + (opt.lr - opt.min_lr) * (1.0 - frac)
+    return opt.min_lr + (opt.lr - opt.min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def build_loss(cfg: RunConfig, norm):
+    """The step loss for the actor: the fused token-separable form when the policy loss allows it."""
+    a = cfg.algorithm
+
+    def metrics_fn(logp, ent, mb):
+        loss, metrics = algos.actor_loss(
+            a, norm, logp_BT=logp, old_logp_BT=mb.old_logp_BS, adv=mb.adv_BS, mask_BT=mb.loss_mask_BS,
+            ref_logp_BT=mb.ref_logp_BS, entropy_BT=ent, weight_BT=mb.weight_BS)
+        if ent is not None:  # logged whatever entropy_coef is: a collapsing policy shows here first
+            valid = mb.loss_mask_BS.bool()
+            metrics["actor/entropy_mean"] = torch.where(valid, ent.detach(), 0.0).sum() / max(norm.num_tokens, 1.0)
+        return loss, metrics
+
+    if not algos.token_separable(a):
+        return metrics_fn
+
+    def token_loss(mb):
+        return algos.build_token_loss(a, norm, old_logp_BT=mb.old_logp_BS, adv=mb.adv_BS, mask_BT=mb.loss_mask_BS,
+                                      ref_logp_BT=mb.ref_logp_BS, weight_BT=mb.weight_BS)
+
+    return TokenSeparableLoss(token_loss, metrics_fn)
