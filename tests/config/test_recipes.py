@@ -68,6 +68,7 @@ def test_recipe_loads_and_its_layout_fits_its_world(name):
     world, dims = TARGETS[name]
     seq_len = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
     dp = check_layout(cfg.parallel, world, seq_len=seq_len, **dims)
+    assert cfg.parallel.world_size == world and cfg.parallel.dp == dp  # `megatron-rl train` starts this world
     # Every data-parallel rank gets the same number of samples per optimizer update.
     per_update = cfg.train.mini_batch_prompts * cfg.rollout.n_samples
     assert per_update % dp == 0, (per_update, dp)
@@ -84,9 +85,9 @@ def test_tiny_cpu_takes_its_model_from_the_command_line():
 
 def test_deepscaler_stages_differ_only_in_length_group_size_and_bookkeeping():
     assert changed("deepscaler_1.5b_8k.yaml", "deepscaler_1.5b_16k.yaml") == {
-        "model.path": ("models/DeepSeek-R1-Distill-Qwen-1.5B",
-                       "runs/deepscaler_1.5b_8k/checkpoints/step_00001040"),
-        "train.num_steps": (1040, 480),
+        "checkpoint.init_from": ("", "runs/deepscaler_1.5b_8k/checkpoints"),
+        "parallel.dp": (8, 32),
+        "train.num_steps": (1040, 1520),
         "rollout.num_servers": (8, 32),
         "rollout.max_new_tokens": (8192, 16384),
         "rollout.n_samples": (8, 16),
@@ -96,9 +97,8 @@ def test_deepscaler_stages_differ_only_in_length_group_size_and_bookkeeping():
         "logging.output_dir": ("runs/deepscaler_1.5b_8k", "runs/deepscaler_1.5b_16k"),
     }
     assert changed("deepscaler_1.5b_16k.yaml", "deepscaler_1.5b_24k.yaml") == {
-        "model.path": ("runs/deepscaler_1.5b_8k/checkpoints/step_00001040",
-                       "runs/deepscaler_1.5b_16k/checkpoints/step_00000480"),
-        "train.num_steps": (480, 230),
+        "checkpoint.init_from": ("runs/deepscaler_1.5b_8k/checkpoints", "runs/deepscaler_1.5b_16k/checkpoints"),
+        "train.num_steps": (1520, 1750),
         "rollout.max_new_tokens": (16384, 24576),
         "checkpoint.dir": ("runs/deepscaler_1.5b_16k/checkpoints", "runs/deepscaler_1.5b_24k/checkpoints"),
         "logging.output_dir": ("runs/deepscaler_1.5b_16k", "runs/deepscaler_1.5b_24k"),
@@ -107,7 +107,7 @@ def test_deepscaler_stages_differ_only_in_length_group_size_and_bookkeeping():
 
 def test_deepcoder_stages_differ_only_in_length_batch_and_layout():
     assert set(changed("deepcoder_14b_16k.yaml", "deepcoder_14b_32k.yaml")) == {
-        "model.path", "parallel.tp", "parallel.cp", "train.num_steps", "train.prompts_per_step",
+        "checkpoint.init_from", "parallel.tp", "parallel.cp", "parallel.dp", "train.num_steps", "train.prompts_per_step",
         "train.mini_batch_prompts", "train.max_tokens_per_microbatch", "rollout.num_servers",
         "rollout.mem_fraction", "rollout.max_new_tokens", "checkpoint.dir", "logging.output_dir",
     }
