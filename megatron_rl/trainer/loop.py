@@ -239,12 +239,21 @@ class Trainer:
             self.logger.evaluation(step, metrics)
 
 
+def quiet_libraries() -> None:
+    """megatron-core logs every parameter name at INFO when it builds DDP buffers: keep the
+    run's log about the run (`megatron-rl -v` still shows everything)."""
+    if logging.getLogger().level > logging.DEBUG:
+        for name in ("megatron", "megatron.core"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train(cfg: RunConfig) -> int:
     """Run ``cfg`` in this process as one rank of the trainer world (torchrun/srun or alone)."""
     from megatron_rl.parallel.topology import Topology
     from megatron_rl.trainer.session import torch_threads
 
     torch_threads()
+    quiet_libraries()
     s = open_session(cfg)
     try:
         return Trainer(s).run()

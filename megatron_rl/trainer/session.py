@@ -181,8 +181,7 @@ def _open_services(s: Session) -> None:
         urls = list(cfg.rollout.server_urls)
         if not urls:
             manager = ServerManager(cfg.rollout, str(server_dir), log_dir=s.out_dir / "servers")
-            s.stack.enter_context(manager)
-            urls = manager.start()
+            urls = s.stack.enter_context(manager).urls  # entering starts them and waits until healthy
         s.client = RolloutClient.from_config(cfg.rollout, urls)
         s.pool = s.stack.enter_context(RewardPool(
             cfg.reward.num_workers, max_queue=max(64, 2 * cfg.reward.num_workers),

@@ -64,7 +64,10 @@ def sft(cfg: RunConfig) -> int:
     from megatron_rl.parallel.topology import Topology
     from megatron_rl.trainer.export import export_hf_dir
 
+    from megatron_rl.trainer.loop import quiet_libraries
+
     torch_threads()
+    quiet_libraries()
     check_world(cfg)
     topo = Topology.initialize(cfg.parallel, seed=cfg.seed)
     try:
