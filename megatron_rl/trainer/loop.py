@@ -113,6 +113,7 @@ class Trainer:
                            for x in samples[: cfg.logging.log_samples]]
         metrics.update(self.train_updates(step, samples, adv))
         with self.phase(step, "sync"):
+            self.s.drop_dead_servers()  # lost mid-step: the client already re-sent their requests
             self.sync(step + 1)
         if cfg.checkpoint.dir and (step + 1) % cfg.checkpoint.save_every == 0:
             with self.phase(step, "checkpoint"):
@@ -203,13 +204,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ services
     def sync(self, version_step: int) -> None:
+        """Send the actor's weights to every live server. A server that died (mid-step or
+        mid-sync) is dropped and the weight group reopened with the survivors, once."""
         from megatron_rl.weights.actor_sync import sync_actor_weights
 
         s, cfg = self.s, self.cfg
-        s.run(sync_actor_weights(
-            s.actor.model[0], s.dims, s.topo, s.client if s.rank0 else None, sender=s.sender,
-            bucket_bytes=cfg.rollout.bucket_size_mb << 20, transport=cfg.rollout.sync_transport,
-            disk_dir=s.out_dir / "sync", weight_version=f"step{version_step}"))
+        for attempt in range(2):
+            try:
+                s.run(sync_actor_weights(
+                    s.actor.model[0], s.dims, s.topo, s.client if s.rank0 else None, sender=s.sender,
+                    bucket_bytes=cfg.rollout.bucket_size_mb << 20, transport=cfg.rollout.sync_transport,
+                    disk_dir=s.out_dir / "sync", weight_version=f"step{version_step}"))
+                return
+            except RolloutError:
+                if attempt == 1 or not s.drop_dead_servers():
+                    raise
 
     def save(self, completed: int) -> None:
         from megatron_rl.checkpoint.state import save_checkpoint

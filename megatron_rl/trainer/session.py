@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from megatron_rl.config.run import RunConfig, dump_config
-from megatron_rl.errors import ConfigError
+from megatron_rl.errors import ConfigError, RolloutError
 from megatron_rl.trainer.dist_utils import broadcast, on_rank0
 from megatron_rl.trainer.resume import StartPoint, find_start
 
@@ -69,6 +69,34 @@ class Session:
 
     def run(self, coro):
         return self.loop.run_until_complete(coro)
+
+    def drop_dead_servers(self) -> bool:
+        """Collective: rank 0 forgets servers that are down and, if any, every rank reopens the
+        weight-sync group with the survivors. True when something was dropped. A run with no
+        server left stops with a RolloutError (after saving, see ``loop``)."""
+        def check() -> list[str]:
+            health = self.run(self.client.health())
+            dead = [s.url for s in self.client.pool.servers if not (s.alive and health.get(s.url))]
+            if dead and len(dead) == len(self.client.pool.servers):
+                raise RolloutError(f"Every rollout server is down ({', '.join(dead)}); see their logs in "
+                                   f"{self.out_dir / 'servers'}.")
+            if dead:
+                log.error("rollout server(s) %s are down: continuing with %d survivor(s)", dead,
+                          len(self.client.pool.servers) - len(dead))
+                if self.sender is not None:
+                    self.sender.group.close()  # its peers are gone: the group cannot be reused
+                self.client.pool.servers = [s for s in self.client.pool.servers if s.url not in dead]
+            return dead
+
+        dead = on_rank0(check)
+        if dead and self.cfg.rollout.sync_transport == "distributed":
+            from megatron_rl.weights.actor_sync import connect_actor_sender
+
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            self.sender = self.run(connect_actor_sender(self.topo, self.client if self.rank0 else None,
+                                                        backend=backend, group_name=f"megatron_rl_sync_{len(dead)}",
+                                                        timeout_s=self.cfg.rollout.health_timeout_s))
+        return bool(dead)
 
     def close(self) -> None:
         try:
