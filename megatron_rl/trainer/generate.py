@@ -51,6 +51,20 @@ def sample_seed(run_seed: int, step: int, round_: int, uid: int, index: int) -> 
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % (2**31 - 1)
 
 
+async def gather_all(coros: list) -> list:
+    """Results in order; the first failure cancels the rest (no orphaned requests or stray
+    "exception was never retrieved" tracebacks) and is raised as itself."""
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            futures = [tasks.create_task(c) for c in coros]
+    except BaseExceptionGroup as group:
+        leaf = group
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise leaf from None
+    return [f.result() for f in futures]
+
+
 @dataclass
 class GenerationResult:
     groups: list[list[ScoredSample]]
@@ -99,7 +113,7 @@ class Generator:
 
     async def _group(self, problem, n: int, step: int, round_: int, eval_mode: bool,
                      counts: Counter) -> list[ScoredSample] | None:
-        samples = await asyncio.gather(*(self._one(problem, i, step, round_, eval_mode, counts) for i in range(n)))
+        samples = await gather_all([self._one(problem, i, step, round_, eval_mode, counts) for i in range(n)])
         if any(s is None for s in samples):
             counts["rollout/groups_dropped_aborted"] += 1
             return None
@@ -109,7 +123,7 @@ class Generator:
                          eval_mode: bool = False) -> tuple[list[list[ScoredSample]], Counter]:
         """Generate and grade ``n`` samples of each problem; groups lost to aborts are dropped."""
         counts: Counter = Counter()
-        groups = await asyncio.gather(*(self._group(p, n, step, round_, eval_mode, counts) for p in problems))
+        groups = await gather_all([self._group(p, n, step, round_, eval_mode, counts) for p in problems])
         return [g for g in groups if g is not None], counts
 
     async def step(self, stream, step: int) -> GenerationResult:

@@ -199,6 +199,7 @@ class Trainer:
         real = sum(p.real_tokens for p in packs)
         totals["perf/padding_frac"] = 1.0 - real / max(pad, 1)
         totals["train/updates"] = float(len(packs))
+        totals["optimizer/adam_step"] = steps.adam_step(s.actor.optimizer)
         totals["perf/train_tokens_per_s"] = real * topo.dp / max(self.timings["time/train"], 1e-9)
         return {**metrics, **totals}
 

@@ -99,13 +99,17 @@ class Session:
         return bool(dead)
 
     def close(self) -> None:
+        """Best effort, in reverse: a dead server must not hide the error that ended the run."""
+        for closing in (self.sender, self.client):
+            if closing is None:
+                continue
+            try:
+                self.run(closing.close())
+            except Exception as e:  # noqa: BLE001 - teardown: log and go on
+                log.debug("while closing %s: %s", type(closing).__name__, e)
         try:
-            if self.sender is not None:
-                self.run(self.sender.close())
-            if self.client is not None:
-                self.run(self.client.close())
-        finally:
             self.stack.close()
+        finally:
             self.loop.close()
 
 

@@ -86,6 +86,16 @@ def set_lr(optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
+def adam_step(optimizer) -> float:
+    """Adam's own update counter (-1 before the first update): shows that a stage or a resume
+    carried the optimizer state over rather than starting a fresh one."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in getattr(opt, "optimizer", opt).state.values():
+            if "step" in state:
+                return float(state["step"])
+    return -1.0
+
+
 def build_loss(cfg: RunConfig, norm):
     """The step loss for the actor: the fused token-separable form when the policy loss allows it."""
     a = cfg.algorithm
