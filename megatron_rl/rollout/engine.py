@@ -8,6 +8,14 @@ Between steps it honours aborts and pauses, and weight loads take the same model
 an update lands between two steps, never inside one. The HTTP layer (``http_server``) and
 the weight-update receivers run in other threads and only call the public methods here.
 
+Deterministic mode (``deterministic=True``, ``--deterministic``): each seeded job runs in
+forwards of its own (one row, no padding), interleaved step by step with the others, because
+CPU matmuls round differently with the number of rows and attention with the padded width
+(measured: a prompt's logits alone and in any batch, even of 8 copies of itself, differ in
+the last bits). With the counter-based draw of ``sampling``, its tokens and log-probs are
+then a function of the request, the weights and the torch build only. Unseeded jobs still
+share one batch.
+
 Legend: B = rows, L = padded prompt length, V = vocabulary.
 """
 
@@ -26,7 +34,7 @@ from typing import Any
 
 import torch
 
-from megatron_rl.rollout.sampling import BadRequest, RequestParams, sample_rows
+from megatron_rl.rollout.sampling import BadRequest, RequestParams, sample_rows, seeded_uniform
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +49,6 @@ class Job:
     params: RequestParams
     return_logprob: bool
     logprob_start_len: int
-    generator: torch.Generator | None
     done: Future = field(default_factory=Future)
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
@@ -51,11 +58,22 @@ class Job:
     start: float = field(default_factory=time.perf_counter)
 
 
+@dataclass
+class Group:
+    """Rows that share forward passes (one KV cache): a whole batch, or one seeded job."""
+
+    jobs: list[Job]
+    logits_BV: torch.Tensor
+    cache: Any
+    mask_BL: torch.Tensor
+    pos_B1: torch.Tensor
+
+
 class EmbeddedEngine:
     """A CPU generation engine with SGLang's sampling and weight-update semantics."""
 
     def __init__(self, model_path: str, *, max_batch_size: int = 64, seed: int | None = None,
-                 batch_wait_s: float = 0.005, original_logprobs: bool = False):
+                 batch_wait_s: float = 0.005, original_logprobs: bool = False, deterministic: bool = False):
         from transformers import AutoModelForCausalLM
 
         self.model_path = model_path
@@ -69,7 +87,7 @@ class EmbeddedEngine:
         # so copying into them updates the model in place.
         self._targets = self.model.state_dict()
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
-        self.original_logprobs = original_logprobs
+        self.original_logprobs, self.deterministic = original_logprobs, deterministic
         self.generator = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
         self.weight_version = "default"
         self._model_lock = threading.Lock()
@@ -100,12 +118,10 @@ class EmbeddedEngine:
                              "use stop_token_ids instead.")
         if logprob_start_len >= len(prompt):
             raise BadRequest(f"logprob_start_len ({logprob_start_len}) must be < the prompt length ({len(prompt)}).")
-        jobs = []
-        for i in range(params.n):
-            gen = None if params.seed is None else torch.Generator().manual_seed(params.seed + i)
-            jobs.append(Job(rid=rid if params.n == 1 else f"{rid}-{i}", parent_rid=rid, prompt=list(prompt),
-                            params=params, return_logprob=return_logprob,
-                            logprob_start_len=logprob_start_len, generator=gen))
+        # The n copies share params, so one seed: identical samples, as SGLang's copies.
+        jobs = [Job(rid=rid if params.n == 1 else f"{rid}-{i}", parent_rid=rid, prompt=list(prompt),
+                    params=params, return_logprob=return_logprob, logprob_start_len=logprob_start_len)
+                for i in range(params.n)]
         with self._cv:
             if self._stopping:
                 raise BadRequest("The engine is shutting down.")
@@ -280,6 +296,17 @@ class EmbeddedEngine:
                 self._cv.wait(timeout=0.1)
 
     def _run_batch(self, jobs: list[Job]) -> None:
+        parts = [jobs]
+        if self.deterministic:
+            rest = [j for j in jobs if j.params.seed is None]
+            parts = [[j] for j in jobs if j.params.seed is not None] + ([rest] if rest else [])
+        groups = [g for g in map(self._prefill, parts) if g is not None]
+        while groups:  # one decode step of every group per round, so no group starves
+            self._wait_if_paused()
+            groups = [g for g in groups if self._step(g)]
+
+    def _prefill(self, jobs: list[Job]) -> Group | None:
+        """One left-padded forward over the prompts; the group still to decode, if any."""
         lengths = [len(j.prompt) for j in jobs]
         width = max(lengths)
         ids_BL = torch.zeros(len(jobs), width, dtype=torch.long)
@@ -295,15 +322,16 @@ class EmbeddedEngine:
                              use_cache=decoding, logits_to_keep=0 if scoring else 1)
         if scoring:
             self._score_prompts(jobs, out.logits, width)
-        active = [j for j in jobs if j.params.max_new_tokens > 0]
         for job in jobs:
             if job.params.max_new_tokens == 0:
                 self._finish(job, {"type": "length", "length": 0})
-        if active:
-            keep = torch.tensor([r for r, j in enumerate(jobs) if j.params.max_new_tokens > 0])
-            if len(active) < len(jobs):
-                out.past_key_values.batch_select_indices(keep)
-            self._decode(active, out.logits[keep, -1, :], out.past_key_values, mask_BL[keep], pos_BL[keep, -1:])
+        if not decoding:
+            return None
+        keep = torch.tensor([r for r, j in enumerate(jobs) if j.params.max_new_tokens > 0])
+        if len(keep) < len(jobs):
+            out.past_key_values.batch_select_indices(keep)
+        return Group([jobs[r] for r in keep.tolist()], out.logits[keep, -1, :], out.past_key_values,
+                     mask_BL[keep], pos_BL[keep, -1:])
 
     def _score_prompts(self, jobs: list[Job], logits_BLV: torch.Tensor, width: int) -> None:
         """SGLang's input_token_logprobs: position p holds log p(prompt[p] | prompt[:p]); p = 0 is None."""
@@ -329,39 +357,44 @@ class EmbeddedEngine:
             return {"type": "length", "length": p.max_new_tokens}
         return None
 
-    def _decode(self, jobs: list[Job], logits_BV: torch.Tensor, cache: Any, mask_BL: torch.Tensor,
-                pos_B1: torch.Tensor) -> None:
-        while jobs:
-            self._wait_if_paused()
-            tokens, logprobs = sample_rows(
-                logits_BV, [j.params for j in jobs], [j.generator or self.generator for j in jobs],
-                original_logprobs=self.original_logprobs)
-            keep = []
-            for row, job in enumerate(jobs):
-                if job.abort_message:
-                    self._finish(job, {"type": "abort", "message": job.abort_message})
-                    continue
-                job.output_ids.append(tokens[row])
-                job.output_logprobs.append(logprobs[row])
-                reason = self._stop_reason(job, tokens[row])
-                if reason is not None:
-                    self._finish(job, reason)
-                else:
-                    keep.append(row)
-            if not keep:
-                return
+    def _uniform(self, job: Job) -> float:
+        """The draw's random number: from (seed, position) when seeded, else the server's stream."""
+        if job.params.greedy:
+            return 0.0
+        if job.params.seed is not None:  # position of the last token fed, as SGLang's `positions`
+            return seeded_uniform(job.params.seed, len(job.prompt) + len(job.output_ids) - 1)
+        return float(torch.rand((), dtype=torch.float64, generator=self.generator))
+
+    def _step(self, g: Group) -> bool:
+        """Sample one token per row, finish rows, run the next forward; False once the group is done."""
+        tokens, logprobs = sample_rows(g.logits_BV, [j.params for j in g.jobs], [self._uniform(j) for j in g.jobs],
+                                       original_logprobs=self.original_logprobs)
+        keep = []
+        for row, job in enumerate(g.jobs):
+            if job.abort_message:
+                self._finish(job, {"type": "abort", "message": job.abort_message})
+                continue
+            job.output_ids.append(tokens[row])
+            job.output_logprobs.append(logprobs[row])
+            reason = self._stop_reason(job, tokens[row])
+            if reason is not None:
+                self._finish(job, reason)
+            else:
+                keep.append(row)
+        if not keep:
+            return False
+        if len(keep) < len(g.jobs):
             index = torch.tensor(keep)
-            if len(keep) < len(jobs):
-                cache.batch_select_indices(index)
-                mask_BL, pos_B1 = mask_BL[index], pos_B1[index]
-                jobs = [jobs[r] for r in keep]
-            next_B1 = torch.tensor([[tokens[r]] for r in keep])
-            mask_BL = torch.cat([mask_BL, torch.ones(len(keep), 1, dtype=mask_BL.dtype)], dim=1)
-            pos_B1 = pos_B1 + 1
-            with self._model_lock, torch.no_grad():
-                out = self.model(input_ids=next_B1, attention_mask=mask_BL, position_ids=pos_B1,
-                                 past_key_values=cache, use_cache=True)
-            logits_BV = out.logits[:, -1, :]
+            g.cache.batch_select_indices(index)
+            g.mask_BL, g.pos_B1, g.jobs = g.mask_BL[index], g.pos_B1[index], [g.jobs[r] for r in keep]
+        next_B1 = torch.tensor([[tokens[r]] for r in keep])
+        g.mask_BL = torch.cat([g.mask_BL, torch.ones(len(keep), 1, dtype=g.mask_BL.dtype)], dim=1)
+        g.pos_B1 = g.pos_B1 + 1
+        with self._model_lock, torch.no_grad():
+            out = self.model(input_ids=next_B1, attention_mask=g.mask_BL, position_ids=g.pos_B1,
+                             past_key_values=g.cache, use_cache=True)
+        g.logits_BV = out.logits[:, -1, :]
+        return True
 
 
 def _load_tokenizer(model_path: str) -> Any:

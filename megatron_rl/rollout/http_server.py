@@ -174,6 +174,7 @@ async def server_info(request: web.Request) -> web.Response:
         "version": f"megatron-rl {__version__} (SGLang {SGLANG_VERSION_TESTED} API)",
         "max_batch_size": engine.max_batch_size, "context_length": engine.context_len,
         "vocab_size": engine.vocab_size, "weight_version": engine.weight_version,
+        "enable_deterministic_inference": engine.deterministic,  # SGLang's server-args name
     })
 
 

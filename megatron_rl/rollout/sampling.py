@@ -11,10 +11,18 @@ Rules reproduced from SGLang (v0.5.4, ``sampling_params.py`` and ``layers/sample
 - the returned log-prob is log softmax(logits / temperature) at the drawn token, over the
   full vocabulary (top-k/top-p truncation does not change it); with
   ``original_logprobs=True`` (SGLANG_RETURN_ORIGINAL_LOGPROB) it is log softmax(logits).
+
+The draw is counter-based, as SGLang's seeded sampler (``multinomial_with_seed`` in
+``layers/sampler.py``): the random number of a seeded row is a hash of (sampling_seed,
+position), never state carried from earlier steps, so it does not depend on what else was
+batched or in which order requests came. The n copies of one request share the seed and the
+positions, hence draw the same samples, as in SGLang. Our hash and draw (inverse CDF over the
+kept tokens) are our own: same seed, different numbers than SGLang's Gumbel noise.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +91,8 @@ def parse_sampling_params(raw: Any, vocab_size: int) -> RequestParams:
     seed = raw.get("sampling_seed")
     if seed is not None:
         p.seed = _number(raw, "sampling_seed", 0, int)
+        if not -(2**31) <= p.seed < 2**31:  # SGLang packs seeds into an int32 tensor
+            raise BadRequest(f"sampling_seed must fit in int32 (as in SGLang), got {p.seed}.")
     if not (p.temperature >= 0 and p.temperature != float("inf")):
         raise BadRequest(f"temperature must be a non-negative finite number, got {p.temperature}.")
     if not 0.0 < p.top_p <= 1.0:
@@ -108,37 +118,48 @@ def parse_sampling_params(raw: Any, vocab_size: int) -> RequestParams:
     return p
 
 
+def seeded_uniform(seed: int, position: int) -> float:
+    """A uniform number in [0, 1) from (seed, position) alone: 53 bits of a BLAKE2b hash."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 11) * 2.0**-53
+
+
+def _draw(probs_V: torch.Tensor, p: RequestParams, u: float) -> int:
+    """Inverse CDF at ``u`` over the tokens top-k/top-p keep (renormalised implicitly)."""
+    order_V = None
+    if p.top_k != -1 and p.top_k < probs_V.shape[0] or p.top_p < 1.0:
+        # stable: ties keep vocabulary order, so equal logits always give the same pick
+        probs_V, order_V = probs_V.sort(descending=True, stable=True)
+        mass_before_V = probs_V.cumsum(0) - probs_V  # on the untruncated probs, as SGLang
+        if p.top_p < 1.0:
+            probs_V[mass_before_V > p.top_p] = 0.0
+        if p.top_k != -1:
+            probs_V[p.top_k:] = 0.0
+    cdf_V = probs_V.double().cumsum(0)
+    pick = int(torch.searchsorted(cdf_V, u * cdf_V[-1], right=True))
+    if pick >= cdf_V.shape[0]:  # u * total rounded up to total: the last token with mass
+        pick = int(probs_V.nonzero()[-1])
+    return pick if order_V is None else int(order_V[pick])
+
+
 def sample_rows(
     logits_BV: torch.Tensor,
     params: list[RequestParams],
-    generators: list[torch.Generator | None],
+    uniforms: list[float],
     *,
     original_logprobs: bool = False,
 ) -> tuple[list[int], list[float]]:
-    """Draw one token per row; returns (token ids, their log-probs per the module rules)."""
+    """Draw one token per row with its uniform number; returns (token ids, log-probs per the module rules).
+
+    Every step is row-wise, so a row's result depends on its own logits and number only.
+    """
     logits_BV = logits_BV.float()
-    vocab = logits_BV.shape[-1]
     temps_B1 = torch.tensor([p.temperature for p in params], dtype=torch.float32).unsqueeze(1)
     logp_BV = torch.log_softmax(logits_BV / temps_B1, dim=-1)
     raw_logp_BV = torch.log_softmax(logits_BV, dim=-1) if original_logprobs else logp_BV
     greedy_B = logits_BV.argmax(dim=-1)
-    tokens: list[int] = []
-    for row, (p, gen) in enumerate(zip(params, generators)):
-        if p.greedy:
-            tokens.append(int(greedy_B[row]))
-            continue
-        probs_V = logp_BV[row].exp()
-        if p.top_k != -1 and p.top_k < vocab or p.top_p < 1.0:
-            sorted_V, order_V = probs_V.sort(descending=True)
-            mass_before_V = sorted_V.cumsum(0) - sorted_V  # on the untruncated probs, as SGLang
-            if p.top_p < 1.0:
-                sorted_V[mass_before_V > p.top_p] = 0.0
-            if p.top_k != -1:
-                sorted_V[p.top_k:] = 0.0
-            pick = int(torch.multinomial(sorted_V, 1, generator=gen))
-            tokens.append(int(order_V[pick]))
-        else:
-            tokens.append(int(torch.multinomial(probs_V, 1, generator=gen)))
+    tokens = [int(greedy_B[row]) if p.greedy else _draw(logp_BV[row].exp(), p, u)
+              for row, (p, u) in enumerate(zip(params, uniforms))]
     index_B = torch.tensor(tokens, dtype=torch.long)
     chosen = raw_logp_BV.gather(1, index_B.unsqueeze(1)).squeeze(1)
     return tokens, chosen.tolist()

@@ -1,7 +1,9 @@
-"""``python -m megatron_rl.rollout.serve --model HF_DIR --host H --port P``: the embedded server.
+"""``megatron-rl serve --model HF_DIR --host H --port P``: the embedded server.
 
 Loads the model (fp32, CPU), then serves SGLang's native HTTP API until SIGTERM/SIGINT.
-``megatron-rl serve`` delegates here with the same arguments.
+``add_arguments`` is the one list of options: the ``megatron-rl serve`` subcommand and
+``python -m megatron_rl.rollout.serve`` both build their parsers from it. Nothing heavy is
+imported at module level, so ``megatron-rl --help`` stays instant.
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ import argparse
 import logging
 import sys
 
-import torch
+DESCRIPTION = "Serve a Hugging Face causal LM on CPU behind SGLang's native HTTP API (embedded engine)."
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megatron-rl serve", description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", "--model-path", dest="model", required=True,
                    help="Hugging Face model directory (config.json + *.safetensors)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
@@ -22,30 +23,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=64, help="most sequences decoded together")
     p.add_argument("--seed", type=int, default=None, help="seed of requests that carry no sampling_seed")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--deterministic", "--enable-deterministic-inference", dest="deterministic",
+                   action="store_true",
+                   help="requests with sampling_seed give bit-identical tokens and log-probs whatever "
+                        "else is batched (each runs unbatched: slower under concurrency)")
     p.add_argument("--return-original-logprob", action="store_true",
                    help="log-probs of the untempered distribution (SGLANG_RETURN_ORIGINAL_LOGPROB=1)")
     p.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="megatron-rl serve", description=DESCRIPTION))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT (aiohttp's run_app turns both into a clean shutdown)."""
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # setLevel, not basicConfig(level=): `megatron-rl` (its -v included) may have configured logging first.
+    logging.getLogger().setLevel("DEBUG" if getattr(args, "verbose", False) else args.log_level.upper())
+    import torch
     from aiohttp import web
 
     from megatron_rl.rollout.engine import EmbeddedEngine
     from megatron_rl.rollout.http_server import build_app
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     engine = EmbeddedEngine(args.model, max_batch_size=args.max_batch_size, seed=args.seed,
-                            original_logprobs=args.return_original_logprob)
-    logging.getLogger(__name__).info("serving %s on http://%s:%d", args.model, args.host, args.port)
+                            original_logprobs=args.return_original_logprob, deterministic=args.deterministic)
+    logging.getLogger(__name__).info("serving %s on http://%s:%d (deterministic=%s)", args.model, args.host,
+                                     args.port, args.deterministic)
     # handler_cancellation: a client that hangs up cancels its handler, which aborts its jobs.
     web.run_app(build_app(engine), host=args.host, port=args.port, print=None, handler_cancellation=True,
                 shutdown_timeout=5.0, access_log=None)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,15 @@
 
 This is the server-launch adapter: SGLang is only ever started here, as
 ``python -m sglang.launch_server`` in its own process group (never imported). The embedded
-engine starts the same way as ``python -m megatron_rl.rollout.serve``. Or attach to servers
-a user already runs (``rollout.server_urls``): then nothing is launched or stopped.
+engine starts through the documented command, ``megatron-rl serve --model ...`` (the console
+script beside the interpreter; ``python -m megatron_rl serve`` where none is installed), so
+what users run is what the tests launch. Or attach to servers a user already runs
+(``rollout.server_urls``): then nothing is launched or stopped.
+
+``deterministic`` (read from the rollout config as ``getattr(cfg, "deterministic", False)``)
+adds ``--enable-deterministic-inference`` to SGLang and ``--deterministic`` to the embedded
+engine: seeded requests then return the same tokens and log-probs whatever they are batched
+with (see docs/embedded_engine.md).
 
 Each launched server gets ``tp_size`` consecutive GPUs of ``rollout.gpu_ids`` in
 ``CUDA_VISIBLE_DEVICES`` (colocated with the trainer or on its own GPUs: the same mechanism,
@@ -50,17 +57,25 @@ class LaunchSpec:
     gpu_ids: list[int] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
     python: str = sys.executable
+    deterministic: bool = False
 
 
 def sglang_command(spec: LaunchSpec) -> list[str]:
     return [spec.python, "-m", "sglang.launch_server", "--model-path", spec.model_path, "--host", spec.host,
             "--port", str(spec.port), "--tp-size", str(spec.tp_size),
-            "--mem-fraction-static", str(spec.mem_fraction), *spec.extra_args]
+            "--mem-fraction-static", str(spec.mem_fraction),
+            *(["--enable-deterministic-inference"] if spec.deterministic else []), *spec.extra_args]
+
+
+def megatron_rl_command(python: str) -> list[str]:
+    """``megatron-rl`` of ``python``'s environment: its console script, else ``python -m megatron_rl``."""
+    script = Path(python).parent / "megatron-rl"
+    return [str(script)] if script.is_file() and os.access(script, os.X_OK) else [python, "-m", "megatron_rl"]
 
 
 def embedded_command(spec: LaunchSpec) -> list[str]:
-    return [spec.python, "-m", "megatron_rl.rollout.serve", "--model", spec.model_path, "--host", spec.host,
-            "--port", str(spec.port), *spec.extra_args]
+    return [*megatron_rl_command(spec.python), "serve", "--model", spec.model_path, "--host", spec.host,
+            "--port", str(spec.port), *(["--deterministic"] if spec.deterministic else []), *spec.extra_args]
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -197,7 +212,8 @@ class ServerManager:
         return [LaunchSpec(engine=cfg.engine, model_path=self.model_path, port=port, host=self.host,
                            tp_size=cfg.tp_size, mem_fraction=cfg.mem_fraction,
                            gpu_ids=gpus[i * cfg.tp_size:(i + 1) * cfg.tp_size] if cfg.engine == "sglang" else [],
-                           extra_args=self.extra_args, python=self.python)
+                           extra_args=self.extra_args, python=self.python,
+                           deterministic=bool(getattr(cfg, "deterministic", False)))
                 for i, port in enumerate(ports)]
 
     def start(self) -> list[str]:

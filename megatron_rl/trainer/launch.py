@@ -51,11 +51,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _children(pid: int) -> list[int]:
+def _workers(torchrun_pid: int) -> list[int]:
+    """torchrun's own children: the trainer ranks (not their rollout servers or graders,
+    which rank 0 stops itself once it has checkpointed)."""
     import psutil
 
     try:
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        return [p.pid for p in psutil.Process(torchrun_pid).children(recursive=False)]
     except psutil.NoSuchProcess:
         return []
 
@@ -69,7 +71,7 @@ def supervise(argv: list[str], nproc: int) -> int:
     def forward(signum, frame):
         # torchrun would kill its workers on SIGTERM and die on SIGUSR1: tell the workers
         # themselves, which checkpoint and exit 0, and torchrun then exits 0 too.
-        for pid in _children(proc.pid):
+        for pid in _workers(proc.pid):
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
@@ -85,3 +87,26 @@ def supervise(argv: list[str], nproc: int) -> int:
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             proc.kill()
             return 130
+
+
+def preflight(cfg, *, rl: bool = True) -> None:
+    """Refuse, before any process starts, a run whose inputs are missing (one clear error)."""
+    from pathlib import Path
+
+    from megatron_rl.errors import ConfigError, DataError
+
+    problems = []
+    model = Path(cfg.model.path) if cfg.model.path else None
+    if model is None:
+        problems.append("`model.path` is empty: set it to a Hugging Face model directory or a checkpoint")
+    elif not model.exists():
+        problems.append(f"`model.path` {model} does not exist (download the base model there, e.g. "
+                        f"`huggingface-cli download <repo> --local-dir {model}`)")
+    if not cfg.data.train_files:
+        problems.append("`data.train_files` is empty: give parquet files (see `megatron-rl data --help`)")
+    missing = [f for f in [*cfg.data.train_files, *(cfg.eval.files if rl else [])] if not Path(f).is_file()]
+    if missing:
+        problems.append(f"data file(s) {missing} do not exist (convert them with `megatron-rl data`)")
+    if problems:
+        error = DataError if not any("model.path" in p for p in problems) else ConfigError
+        raise error("Cannot start the run: " + "; ".join(problems) + ".")
