@@ -86,14 +86,16 @@ def test_max_new_tokens_gives_length_and_zero_scores_only(engine):
     assert tail.input_logprobs == pytest.approx(expected[1:], abs=1e-5)
 
 
-def test_n_samples_and_seed_reproducibility(engine):
+def test_n_copies_share_the_seed_as_in_sglang(engine):
     jobs = run(engine, temperature=1.0, max_new_tokens=12, n=4, sampling_seed=7, rid="g")
     assert [j.rid for j in jobs] == ["g-0", "g-1", "g-2", "g-3"]
-    assert len({tuple(j.output_ids) for j in jobs}) > 1  # copies draw different samples
+    # SGLang copies one sampling_params to the n copies and draws from (seed, position): the
+    # copies are the same sample. Different samples need one request per seed (the trainer's way).
+    assert len({tuple(j.output_ids) for j in jobs}) == 1
     again = run(engine, temperature=1.0, max_new_tokens=12, n=4, sampling_seed=7)
     assert [j.output_ids for j in again] == [j.output_ids for j in jobs]
-    other = run(engine, temperature=1.0, max_new_tokens=12, n=4, sampling_seed=8)
-    assert [j.output_ids for j in other] != [j.output_ids for j in jobs]
+    seeds = [run(engine, temperature=1.0, max_new_tokens=12, sampling_seed=s)[0].output_ids for s in (8, 9, 10)]
+    assert len({tuple(o) for o in [jobs[0].output_ids, *seeds]}) == 4
 
 
 def test_batched_prompts_of_different_lengths_match_single(engine):
@@ -110,7 +112,7 @@ def test_batched_prompts_of_different_lengths_match_single(engine):
     ({"frequency_penalty": 0.5}, PROMPT, "not supported"), ({"bogus": 1}, PROMPT, "Unknown"),
     ({"stop_token_ids": [5000]}, PROMPT, "stop_token_ids"), ({"n": "2"}, PROMPT, "integer"),
     ({}, [1, 1000], "outside"), ({}, [], "empty"), ({"max_new_tokens": 250}, list(range(10)), "context"),
-    ({"stop": ["x"]}, PROMPT, "tokenizer"),
+    ({"stop": ["x"]}, PROMPT, "tokenizer"), ({"sampling_seed": 2**31}, PROMPT, "int32"),
 ])
 def test_bad_requests_are_refused(engine, sampling, prompt, needle):
     with pytest.raises(BadRequest, match=needle):
