@@ -21,6 +21,7 @@ group, then SIGKILL after a grace period.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 import os
@@ -41,6 +42,7 @@ from megatron_rl.errors import RolloutError
 if TYPE_CHECKING:
     from megatron_rl.config.rollout import RolloutConfig
 
+PR_SET_PDEATHSIG = 1
 log = logging.getLogger(__name__)
 
 
@@ -123,12 +125,24 @@ class ServerProcess:
         return text[-chars:].strip() or "(empty log)"
 
 
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Linux: deliver ``sig`` to this process when the thread that started it dies (no-op
+    elsewhere). Servers and trainer ranks use it so that a launcher killed with SIGKILL (an
+    OOM kill, a node agent) takes them along instead of leaving orphans holding GPUs/ports."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except OSError:
+        pass
+
+
 def start_process(command: list[str], url: str, log_path: Path, env: dict[str, str] | None = None) -> ServerProcess:
-    """Start ``command`` in a new process group, stdout+stderr to ``log_path``."""
+    """Start ``command`` in a new process group (a terminal's Ctrl-C reaches the trainer, which
+    stops its servers in order), stdout+stderr to ``log_path``; it dies with its parent."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+                                env={**os.environ, **(env or {})}, start_new_session=True,
+                                preexec_fn=set_parent_death_signal)
     log.info("started rollout server pid %d: %s (log %s)", proc.pid, " ".join(command), log_path)
     return ServerProcess(url, proc, log_path)
 

@@ -11,22 +11,13 @@ are; under srun without torchrun, Slurm's (SLURM_PROCID, SLURM_NTASKS, ...) are 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 
-PR_SET_PDEATHSIG = 1
-
-
-def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
-    """Linux: deliver ``sig`` to this process when its parent dies (no-op elsewhere)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except OSError:
-        pass
+from megatron_rl.rollout.servers import set_parent_death_signal
 
 
 def in_launched_world() -> bool:

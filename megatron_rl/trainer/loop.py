@@ -101,7 +101,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, float]:
-        s, cfg = self.s, self.cfg
+        cfg = self.cfg
         with self.phase(step, "generate"):  # + reward: graded as samples arrive
             groups, gen_metrics = self.generate(step)
         samples = [x for g in groups for x in g]

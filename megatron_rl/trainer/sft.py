@@ -63,7 +63,6 @@ def sft(cfg: RunConfig) -> int:
     from megatron_rl.models.hf_config import read_dims
     from megatron_rl.parallel.topology import Topology
     from megatron_rl.trainer.export import export_hf_dir
-
     from megatron_rl.trainer.loop import quiet_libraries
 
     torch_threads()

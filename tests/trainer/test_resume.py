@@ -9,14 +9,23 @@ import psutil
 import pytest
 
 from tests.trainer.conftest import sections
-from tests.trainer.helpers import kill_tree, metrics, one_paragraph, run, start, wait_for_lines, write_recipe
+from tests.trainer.helpers import (
+    kill_tree,
+    metrics,
+    one_paragraph,
+    run,
+    start,
+    wait_for_lines,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.slow
 
 
 def _tp2(tiny, run_dir, **over):
     """The recipe's own layout: TP=2 on 2 processes (the supervisor starts torchrun)."""
-    return sections(tiny, run_dir, parallel={"tp": 2}, train={"num_steps": 4}, **over)
+    over.setdefault("train", {}).setdefault("num_steps", 4)
+    return sections(tiny, run_dir, parallel={"tp": 2}, **over)
 
 
 def test_kill9_mid_run_then_same_command_gives_identical_metrics(tiny, tmp_path):
@@ -111,3 +120,71 @@ def test_a_server_killed_mid_run_loses_nothing_and_none_left_stops_cleanly(tiny,
     assert "down" in one_paragraph(log) or "failed" in one_paragraph(log)
     saved = int((run_dir / "ckpt" / "latest").read_text().strip()[5:])
     assert saved == len(metrics(run_dir))  # every completed step is kept
+
+
+def test_dp2_trains_the_same_update_as_one_process(tiny, tmp_path):
+    """Each DP rank trains its own share with the step's normaliser reduced over DP: the
+    first step's loss and gradient norm equal a single process's (same samples: seeded)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = dict(train={"num_steps": 1, "prompts_per_step": 4, "mini_batch_prompts": 4},
+                rollout={"n_samples": 3})
+    assert run(["train", write_recipe(tmp_path / "one.yaml", **sections(tiny, one, **base))]).returncode == 0
+    proc = run(["train", write_recipe(tmp_path / "two.yaml", **sections(tiny, two, parallel={"dp": 2}, **base))])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (a,), (b,) = metrics(one), metrics(two)
+    assert a["reward/mean"] == b["reward/mean"] and a["rollout/samples"] == b["rollout/samples"] == 12
+    for key in ("actor/loss", "actor/grad_norm", "actor/entropy_mean", "actor/pg_loss"):
+        assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+
+def test_ctrl_c_stops_trainers_and_servers(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    job = start(["train", write_recipe(tmp_path / "r.yaml", **_tp2(tiny, run_dir, train={"num_steps": 50}))],
+                tmp_path / "job.log")
+    wait_for_lines(run_dir / "metrics.jsonl", 1, job)
+    family = [job.pid] + [p.pid for p in psutil.Process(job.pid).children(recursive=True)]
+    assert any("serve" in psutil.Process(p).cmdline() for p in family)
+    import os
+
+    os.killpg(job.pid, signal.SIGINT)  # what a terminal sends to the foreground job
+    assert job.wait(timeout=120) != 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                                              for p in family):
+        time.sleep(0.5)
+    alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not alive, [psutil.Process(p).cmdline() for p in alive]
+
+
+def test_attached_server_with_untempered_logprobs_trips_the_gate(tiny, tmp_path):
+    """Attach mode (rollout.server_urls); a server returning log-probs of the untempered
+    distribution (SGLANG_RETURN_ORIGINAL_LOGPROB) while sampling at 0.6 is caught at once."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    from tests.trainer.helpers import CLI, env
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([CLI, "serve", "--model", str(tiny / "hf"), "--port", str(port),
+                               "--return-original-logprob"], env=env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health_generate", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        sec = sections(tiny, tmp_path / "run", rollout={"server_urls": [f"http://127.0.0.1:{port}"],
+                                                        "temperature": 0.6, "deterministic": False})
+        proc = run(["train", write_recipe(tmp_path / "r.yaml", **sec)], timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "weights in the engine are not the trainer's" in one_paragraph(proc.stderr)
+        assert server.poll() is None  # an attached server is the user's: left running
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
