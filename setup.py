@@ -31,7 +31,7 @@ setup(
     python_requires=">=3.11",
     packages=_pkgs + _kernel_pkgs,
     package_dir={"megatron_rl.kernels": "kernels"},
-    package_data={"megatron_rl": ["py.typed"]},
+    package_data={"megatron_rl": ["py.typed", "data/templates/*.jinja"]},
     # torch itself is declared loosely: the CPU path pins 2.13.0 (requirements-cpu.txt),
     # GPU clusters bring their own CUDA build (NGC containers).
     install_requires=["torch>=2.6"] + _core,

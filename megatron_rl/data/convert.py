@@ -62,7 +62,7 @@ def _field(rec: Any, key: str, fail: Fail, required: bool = True) -> Any:
     value = rec.get(key)
     if value is None and required:
         raise fail(f"field `{key}` is missing or null (fields present: {sorted(rec)})",
-                   f"Give every record a `{key}`.")
+                   f"Give every record the field `{key}`.")
     return value
 
 
