@@ -76,14 +76,18 @@ class Generator:
     """Rank 0's generation phase: the client, the reward pool and the tokenizer to decode."""
 
     def __init__(self, cfg: RunConfig, client: RolloutClient, pool: RewardPool, tokenizer: Any):
+        from megatron_rl.data.template import stop_token_ids
+
         self.cfg, self.client, self.pool, self.tokenizer = cfg, client, pool, tokenizer
+        # The template's end-of-turn tokens, not only the tokenizer's EOS (they differ for some).
+        self.stop_ids = tuple(stop_token_ids(tokenizer, cfg.data)) if hasattr(tokenizer, "convert_tokens_to_ids") else ()
 
     def sampling(self, *, seed: int, eval_mode: bool = False) -> SamplingParams:
         r, e = self.cfg.rollout, self.cfg.eval
         if eval_mode:
             return SamplingParams(temperature=e.temperature, top_p=e.top_p, top_k=-1,
-                                  max_new_tokens=e.max_new_tokens, n=1, seed=seed)
-        return SamplingParams.from_config(r, n=1, seed=seed)
+                                  max_new_tokens=e.max_new_tokens, n=1, seed=seed, stop_token_ids=self.stop_ids)
+        return SamplingParams.from_config(r, n=1, seed=seed, stop_token_ids=self.stop_ids)
 
     async def _one(self, problem, index: int, step: int, round_: int, eval_mode: bool,
                    counts: Counter) -> ScoredSample | None:

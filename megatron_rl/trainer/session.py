@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from megatron_rl.config.run import RunConfig, dump_config
-from megatron_rl.errors import ConfigError, RolloutError
+from megatron_rl.errors import ConfigError, DataError, RolloutError
 from megatron_rl.trainer.dist_utils import broadcast, on_rank0
 from megatron_rl.trainer.resume import StartPoint, find_start
 
@@ -181,7 +181,12 @@ def _open_data(s: Session) -> str:
     s.stream = PromptStream(dataset, seed=cfg.seed, shuffle=cfg.data.shuffle)
     data_state = s.extra.get("data")
     if data_state and s.extra.get("data_files") == list(cfg.data.train_files):
-        s.stream.load_state_dict(data_state)
+        try:
+            s.stream.load_state_dict(data_state)
+        except DataError:
+            if s.start.kind != "stage":  # the same run's data changed under it: refuse
+                raise
+            log.warning("stage: the data differs from the previous stage's (size or order): its stream starts over")
     if cfg.eval.files:
         s.eval_set = PromptDataset.from_config(cfg.data, s.tokenizer, files=list(cfg.eval.files))
     log.info("data: %d prompts (%d dropped over data.max_prompt_len=%d)%s", len(dataset), dataset.num_dropped,

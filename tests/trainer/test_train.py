@@ -14,7 +14,7 @@ def test_train_writes_metrics_checkpoints_samples_and_hf_export(tiny, tmp_path):
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", **sections(tiny, run_dir, eval={
         "files": [str(tiny / "eval.parquet")], "n_samples": 2, "temperature": 0.0, "max_new_tokens": 8,
-        "pass_k": [1, 2]}))
+        "pass_k": [1, 2]}, logging={"output_dir": str(run_dir), "wandb_project": "tiny", "wandb_mode": "offline"}))
     proc = run(["train", recipe], timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = metrics(run_dir)
@@ -35,6 +35,7 @@ def test_train_writes_metrics_checkpoints_samples_and_hf_export(tiny, tmp_path):
 
     AutoModelForCausalLM.from_pretrained(run_dir / "hf")
     AutoTokenizer.from_pretrained(run_dir / "hf")
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))  # offline: no network needed
     plot = run(["plot", run_dir])
     assert plot.returncode == 0 and (run_dir / "curves.png").stat().st_size > 1000, plot.stderr
 
