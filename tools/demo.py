@@ -1,92 +1,94 @@
-"""`make demo`: the main job on CPU, end to end on a random tiny Qwen2 (no downloads).
+"""`make demo`: train a tiny model from nothing on CPU, through the commands users run.
 
-1. Builds a tiny Qwen2 with `transformers` and saves it (HF format).
-2. Scores sequences with the Megatron actor at TP=2 (2 processes, gloo) through
-   `megatron-rl logprobs`, and checks them against `transformers`.
-3. Runs GRPO steps as the recipe `configs/tiny_cpu.yaml` says (tools/demo_rl.py): samples
-   from an embedded rollout server over SGLang's HTTP API, a toy reward, GRPO advantages,
-   one update of the TP=2 Megatron actor through the fused loss-in-forward kernel, weight
-   sync into the server over gloo; after every sync the engine's log-probs must equal the
-   actor's (<= 1e-4). The trainer module (data, real rewards, checkpoints) is still to come.
+1. Builds a character-level chat tokenizer and a random ~1M-parameter Qwen2
+   (``megatron_rl.demo.tiny``), and writes synthetic addition problems with ``\\boxed{}``
+   answers (``megatron_rl.data.synthetic``): an SFT set from a sloppy teacher that forgets
+   carries, RL prompts, and held-out problems disjoint from both.
+2. ``megatron-rl sft configs/tiny_sft.yaml``: the warm-up (format, sums without carry).
+3. ``megatron-rl train configs/tiny_cpu.yaml``: GRPO with the real math grader, the Megatron
+   actor, an embedded rollout server and a weight sync every step. It scores the held-out
+   problems before the first update (the warm-up's score) and after the last.
+4. ``megatron-rl plot``; then prints where everything is. The last line reads
+   ``held-out accuracy: <after warm-up> -> <after RL>``; the exit status is 1 when RL did not
+   raise it by at least 0.2.
+Everything lands in ``runs/demo/`` (started afresh each time).
 """
 
 from __future__ import annotations
 
 import json
-import socket
+import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+CLI = str(Path(sys.executable).parent / "megatron-rl")
+RUN = Path("runs/demo")  # relative to the repository root, as the recipes' paths are
+MIN_RISE = 0.2
+SEED = 0
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def step(title: str) -> None:
+    print(f"\n== {title}", flush=True)
 
 
-def score_with_megatron(work: Path, hf, seqs) -> float:
-    (work / "in.jsonl").write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in seqs))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_port()}",
-           "--master-addr=127.0.0.1", "-m", "megatron_rl", "logprobs", "--model", str(work / "hf"),
-           "--input", str(work / "in.jsonl"), "--output", str(work / "out.jsonl"), "--tp", "2"]
-    t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
-    print(f"  megatron-rl logprobs --tp 2: {time.time() - t0:.1f} s")
-    worst = 0.0
-    with torch.no_grad():
-        for ids, line in zip(seqs, (work / "out.jsonl").read_text().splitlines()):
-            got = torch.tensor(json.loads(line)["logprobs"])
-            t = torch.tensor([ids])
-            want = torch.log_softmax(hf(t).logits[0, :-1], -1).gather(-1, t[0, 1:, None])[:, 0]
-            worst = max(worst, (got - want).abs().max().item())
-    return worst
+def megatron_rl(*args: str) -> None:
+    print("$ megatron-rl " + " ".join(args), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    subprocess.run([CLI, *args], check=True, cwd=ROOT, env=env)
 
 
-def rl_steps(work: Path) -> bool:
-    """Start the recipe's rollout server, run tools/demo_rl.py under torchrun; True if it passed."""
-    from megatron_rl.config.run import load_config
-    from megatron_rl.rollout.servers import ServerManager
+def build(run: Path) -> None:
+    from megatron_rl.data import synthetic
+    from megatron_rl.demo.tiny import build_model, build_tokenizer
 
-    recipe = ROOT / "configs" / "tiny_cpu.yaml"
-    cfg = load_config(recipe, [f"model.path={work / 'hf'}"])
-    with ServerManager(cfg.rollout, str(work / "hf"), log_dir=work / "servers") as servers:
-        urls = servers.start()
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.parallel.tp}",
-               f"--master-port={_port()}", "--master-addr=127.0.0.1", str(ROOT / "tools" / "demo_rl.py"),
-               str(recipe), str(work / "hf"), ",".join(urls)]
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=None, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        print(proc.stderr[-4000:])
-    return proc.returncode == 0
+    tok = build_tokenizer(run / "model")
+    build_model(run / "model", tok, seed=SEED)
+    data = run / "data"
+    data.mkdir(parents=True)
+    # RL and held-out problems carry in half the cases: a model that merely learnt to always
+    # (or never) carry scores about 0.5, so a rise must come from getting sums right.
+    synthetic.write_sft_parquet(data / "sft.parquet", 20000, seed=SEED)
+    synthetic.write_arithmetic_parquet(data / "train.parquet", 4000, seed=SEED + 1, carry_frac=0.5)
+    synthetic.write_arithmetic_parquet(data / "heldout.parquet", 200, seed=SEED + 2, split="heldout",
+                                       carry_frac=0.5)
+    print(f"tokenizer ({len(tok)} tokens), model and data in {run}")
+
+
+def held_out(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
 
 
 def main() -> int:
-    from tests.helpers.tiny_models import make_tiny_hf
-
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        print("[1/3] building a random tiny Qwen2 (transformers) ...")
-        hf = make_tiny_hf(work / "hf", "qwen2", vocab=1031)
-        print("[2/3] Megatron actor log-probs at TP=2 vs transformers ...")
-        g = torch.Generator().manual_seed(0)
-        seqs = [torch.randint(0, 1031, (n,), generator=g).tolist() for n in (12, 33, 7)]
-        worst = score_with_megatron(work, hf, seqs)
-        print(f"  max |megatron - transformers| log-prob difference: {worst:.2e}")
-        print("[3/3] GRPO steps (configs/tiny_cpu.yaml): embedded rollout server, TP=2 actor, weight sync ...")
-        rl_ok = rl_steps(work)
-        ok = worst <= 1e-4 and rl_ok
-        print("demo:", "OK" if ok else "FAILED" + ("" if rl_ok else " (GRPO steps)") +
-              ("" if worst <= 1e-4 else " (log-probs disagree)"))
-        return 0 if ok else 1
+    t0 = time.time()
+    run = ROOT / RUN
+    shutil.rmtree(run, ignore_errors=True)
+    step("1/4 tokenizer, tiny Qwen2 and addition problems")
+    build(run)
+    step("2/4 SFT warm-up (sloppy teacher: forgets carries)")
+    megatron_rl("sft", "configs/tiny_sft.yaml")
+    step("3/4 GRPO with the math grader (held-out accuracy before and after)")
+    megatron_rl("train", "configs/tiny_cpu.yaml", f"logging.output_dir={RUN}/rl", f"checkpoint.dir={RUN}/rl/ckpt")
+    step("4/4 curves")
+    megatron_rl("plot", f"{RUN}/rl")
+    evals = held_out(run / "rl")
+    before, after = evals[0]["eval/accuracy"], evals[-1]["eval/accuracy"]
+    minutes = (time.time() - t0) / 60
+    print(f"\nrun directory:  {RUN}/rl (metrics.jsonl, eval.jsonl, samples.jsonl, train.log)")
+    print(f"checkpoints:    {RUN}/rl/ckpt (SFT: {RUN}/sft/ckpt)")
+    print(f"HF export:      {RUN}/rl/hf")
+    print(f"plots:          {RUN}/rl/curves.png")
+    print(f"time:           {minutes:.1f} min")
+    print(f"held-out accuracy: {before:.2f} -> {after:.2f}")
+    if after - before < MIN_RISE:
+        print(f"RL raised held-out accuracy by {after - before:.2f}, less than {MIN_RISE}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
     raise SystemExit(main())

@@ -45,13 +45,16 @@ class ServerPool:
         sizes = list(tp_sizes) if tp_sizes is not None else [1] * len(urls)
         self.servers = [Server(u.rstrip("/"), tp) for u, tp in zip(urls, sizes)]
         self.max_inflight, self.reprobe_interval_s = max_inflight, reprobe_interval_s
-        self._changed: asyncio.Condition | None = None
+        self._changed: asyncio.Event | None = None
         self._probing: set[str] = set()
 
-    def _condition(self) -> asyncio.Condition:
+    def _event(self) -> asyncio.Event:
+        """Set (and replaced) whenever a server frees a slot or comes back. An Event, not a
+        Condition: waiters are cancelled in bulk when a step fails, and a Condition's waiter
+        cancelled while re-acquiring its lock (Python 3.11) can leave the lock held for good."""
         loop = asyncio.get_running_loop()
         if self._changed is None or getattr(self._changed, "_mr_loop", None) is not loop:
-            self._changed = asyncio.Condition()
+            self._changed = asyncio.Event()
             self._changed._mr_loop = loop  # type: ignore[attr-defined]
         return self._changed
 
@@ -68,21 +71,20 @@ class ServerPool:
 
     async def acquire(self, exclude: set[str], deadline: float, probe: Probe) -> Server:
         """A live server with room, waiting (and re-probing dead ones) until ``deadline``."""
-        cond = self._condition()
-        async with cond:
-            while True:
-                server = self._pick(exclude)
-                if server is not None:
-                    server.outstanding += 1
-                    return server
-                self.reprobe_due(probe)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RolloutError(self._no_server_message())
-                try:
-                    await asyncio.wait_for(cond.wait(), timeout=min(remaining, self.reprobe_interval_s))
-                except TimeoutError:
-                    pass
+        while True:
+            # pick and count without awaiting in between: atomic on the event loop
+            server = self._pick(exclude)
+            if server is not None:
+                server.outstanding += 1
+                return server
+            self.reprobe_due(probe)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RolloutError(self._no_server_message())
+            try:
+                await asyncio.wait_for(self._event().wait(), timeout=min(remaining, self.reprobe_interval_s))
+            except TimeoutError:
+                pass
 
     async def release(self, server: Server, ok: bool) -> None:
         server.outstanding -= 1
@@ -90,9 +92,9 @@ class ServerPool:
         await self._notify()
 
     async def _notify(self) -> None:
-        cond = self._condition()
-        async with cond:
-            cond.notify_all()
+        event = self._event()
+        self._changed = None  # later waiters get a fresh event; everyone waiting on this one wakes
+        event.set()
 
     def mark_dead(self, server: Server, reason: str) -> None:
         if server.alive:

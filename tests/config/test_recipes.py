@@ -28,7 +28,8 @@ TINY_QWEN2 = {"num_layers": _tiny["layers"].default, "num_heads": _tiny["heads"]
 
 # recipe -> (trainer world size it is written for, model dims)
 TARGETS: dict[str, tuple[int, dict[str, int]]] = {
-    "tiny_cpu.yaml": (2, TINY_QWEN2),
+    "tiny_cpu.yaml": (1, TINY_QWEN2),
+    "tiny_sft.yaml": (1, TINY_QWEN2),
     "deepscaler_1.5b_8k.yaml": (8, QWEN2_1_5B),
     "deepscaler_1.5b_16k.yaml": (32, QWEN2_1_5B),
     "deepscaler_1.5b_24k.yaml": (32, QWEN2_1_5B),
@@ -80,7 +81,8 @@ def test_recipe_loads_and_its_layout_fits_its_world(name):
 def test_tiny_cpu_takes_its_model_from_the_command_line():
     cfg = load("tiny_cpu.yaml", "model.path=/tmp/tiny/hf")
     assert cfg.model.path == "/tmp/tiny/hf"
-    assert (cfg.parallel.tp, cfg.rollout.engine, cfg.model.dtype) == (2, "embedded", "float32")
+    assert (cfg.parallel.tp, cfg.rollout.engine, cfg.model.dtype) == (1, "embedded", "float32")
+    assert cfg.rollout.deterministic  # exact resume on CPU
 
 
 def test_deepscaler_stages_differ_only_in_length_group_size_and_bookkeeping():

@@ -29,6 +29,7 @@ def sections(tiny: Path, run: Path, **over) -> dict:
         "rollout": {"n_samples": 2, "max_new_tokens": 8, "temperature": 1.0, "deterministic": True,
                     "health_timeout_s": 120},
         "data": {"train_files": [str(tiny / "train.parquet")], "max_prompt_len": 32},
+        "eval": {"files": [], "at_start": False, "every_steps": 0},
         "checkpoint": {"dir": str(run / "ckpt"), "save_every": 1},
         "logging": {"output_dir": str(run), "log_samples": 1},
     }

@@ -24,8 +24,15 @@ def write_recipe(path: Path, base: str = "tiny_cpu.yaml", **sections) -> Path:
     return path
 
 
+# Set in this pytest process by in-process single-rank tests (Topology.initialize): a job
+# started with them would think torchrun had launched it.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
 def env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", WANDB_MODE="offline")
+    clean = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    return dict(clean, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", WANDB_MODE="offline")
 
 
 def run(args: list[str], timeout: float = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:

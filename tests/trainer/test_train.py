@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.trainer.conftest import sections
-from tests.trainer.helpers import metrics, one_paragraph, run, write_recipe
+from tests.trainer.helpers import env, metrics, one_paragraph, run, write_recipe
 
 
 def test_train_writes_metrics_checkpoints_samples_and_hf_export(tiny, tmp_path):
@@ -103,7 +103,7 @@ def test_broken_weight_mapping_trips_the_mismatch_gate_on_the_first_step(tiny, t
         "from megatron_rl.cli.main import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", script, "train", str(recipe)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env())
     assert proc.returncode == 2, proc.stderr[-3000:]
     msg = one_paragraph(proc.stderr)
     assert "Step 0" in msg and "weights in the engine are not the trainer's" in msg
