@@ -1,0 +1,123 @@
+"""Every command the README shows, run as written (placeholders such as HF_DIR filled in).
+
+`README_COMMANDS` maps each command line of the README's bash blocks to how it is checked;
+`test_every_readme_command_has_a_check` fails when the README gains a command nobody runs.
+The commands run through the console script on PATH, in a scratch directory that holds
+`configs/` and the `runs/demo/` files `make demo` would have written (a random tiny model in
+place of the trained one: the commands are checked, not the learning).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# README line -> (what to run instead of placeholders, expected exit status, text the output must hold).
+# "self": the line runs the suite itself or is run by another test named in the text.
+README_COMMANDS: dict[str, tuple[str, int, str]] = {
+    "make demo": ("self", 0, "tests/test_demo.py runs it"),
+    "make test": ("self", 0, "CI runs it (.ci/run)"),
+    "megatron-rl serve --model HF_DIR --host 127.0.0.1 --port 30000":
+        ("self", 0, "tests/rollout/test_serve_cli.py runs it"),
+    "megatron-rl train configs/tiny_cpu.yaml train.num_steps=2": (
+        "megatron-rl train configs/tiny_cpu.yaml train.num_steps=2", 0, "step 2/2"),
+    "megatron-rl plot runs/tiny_cpu": ("megatron-rl plot runs/tiny_cpu", 0, "curves.png"),
+    "megatron-rl sft configs/tiny_sft.yaml train.num_steps=2": (
+        "megatron-rl sft configs/tiny_sft.yaml train.num_steps=2", 0, "step 2/2"),
+    "torchrun --nproc-per-node 2 -m megatron_rl train configs/tiny_cpu.yaml parallel.tp=2 train.num_steps=2 "
+    "logging.output_dir=runs/tiny_tp2 checkpoint.dir=runs/tiny_tp2/ckpt": (
+        "torchrun --nproc-per-node 2 -m megatron_rl train configs/tiny_cpu.yaml parallel.tp=2 train.num_steps=2 "
+        "logging.output_dir=runs/tiny_tp2 checkpoint.dir=runs/tiny_tp2/ckpt", 0, "step 2/2"),
+    "megatron-rl data deepscaler deepscaler.json data/deepscaler/train.parquet": (
+        "megatron-rl data deepscaler deepscaler.json data/deepscaler/train.parquet", 0, "wrote 2 deepscaler rows"),
+    "megatron-rl data deepcoder deepcoder.jsonl data/deepcoder/train.parquet": (
+        "megatron-rl data deepcoder deepcoder.jsonl data/deepcoder/train.parquet", 0, "wrote 1 deepcoder rows"),
+    "megatron-rl train configs/deepscaler_1.5b_8k.yaml": (
+        "megatron-rl train configs/deepscaler_1.5b_8k.yaml", 2, "models/DeepSeek-R1-Distill-Qwen-1.5B does not exist"),
+    "megatron-rl convert hf-to-mcore --hf HF_DIR --out CKPT --tp 2 --pp 2": (
+        "megatron-rl convert hf-to-mcore --hf runs/demo/model --out ckpt --tp 2 --pp 2", 0, "wrote megatron checkpoint"),
+    "megatron-rl convert mcore-to-hf --ckpt CKPT --out HF_DIR": (
+        "megatron-rl convert mcore-to-hf --ckpt ckpt --out hf_back", 0, "wrote HF model"),
+    "torchrun --nproc-per-node 4 -m megatron_rl logprobs --model HF_DIR_OR_CKPT "
+    "--input in.jsonl --output out.jsonl --tp 2 --pp 2": (
+        "torchrun --nproc-per-node 4 -m megatron_rl logprobs --model ckpt --input in.jsonl --output out.jsonl "
+        "--tp 2 --pp 2", 0, ""),
+}
+
+
+def readme_commands() -> list[str]:
+    """Command lines of the README's bash blocks (comments dropped, continuations joined)."""
+    text = (ROOT / "README.md").read_text()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", "", block)
+        for line in joined.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                out.append(" ".join(line.split()))
+    return out
+
+
+def test_every_readme_command_has_a_check():
+    assert sorted(readme_commands()) == sorted(README_COMMANDS)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    from megatron_rl.data import synthetic
+    from megatron_rl.demo.tiny import build_model, build_tokenizer
+
+    wd = tmp_path_factory.mktemp("readme")
+    (wd / "configs").symlink_to(ROOT / "configs")
+    demo = wd / "runs" / "demo"
+    tok = build_tokenizer(demo / "model")
+    build_model(demo / "model", tok, seed=0)
+    shutil.copytree(demo / "model", demo / "sft" / "hf")
+    (demo / "data").mkdir()
+    synthetic.write_sft_parquet(demo / "data" / "sft.parquet", 256, seed=0)
+    synthetic.write_arithmetic_parquet(demo / "data" / "train.parquet", 64, seed=1)
+    synthetic.write_arithmetic_parquet(demo / "data" / "heldout.parquet", 8, seed=2, split="heldout")
+    (wd / "deepscaler.json").write_text(json.dumps([{"problem": "What is 1+1?", "answer": "2"},
+                                                   {"problem": "What is 2+3?", "answer": "5"}]))
+    tests = json.dumps({"inputs": ["1 2\n"], "outputs": ["3\n"]})
+    (wd / "deepcoder.jsonl").write_text(json.dumps({"problem": "Add two numbers.", "tests": tests}) + "\n")
+    (wd / "in.jsonl").write_text(json.dumps({"input_ids": [5, 17, 30, 2, 9, 11]}) + "\n")
+    return wd
+
+
+RUNNABLE = [k for k, v in README_COMMANDS.items() if v[0] != "self"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("line", RUNNABLE, ids=[k.split(" ")[0] + ":" + " ".join(k.split(" ")[1:3]) for k in RUNNABLE])
+def test_readme_command_runs_as_written(workdir, line):
+    command, status, expect = README_COMMANDS[line]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    if "plot" in command and not (workdir / "runs" / "tiny_cpu" / "metrics.jsonl").exists():
+        subprocess.run(README_COMMANDS["megatron-rl train configs/tiny_cpu.yaml train.num_steps=2"][0], shell=True,
+                       cwd=workdir, env=env, timeout=600, capture_output=True)
+    if "mcore-to-hf" in command or "logprobs" in command:
+        if not (workdir / "ckpt").exists():
+            subprocess.run(README_COMMANDS["megatron-rl convert hf-to-mcore --hf HF_DIR --out CKPT --tp 2 --pp 2"][0],
+                           shell=True, cwd=workdir, env=env, timeout=600, check=True, capture_output=True)
+        shutil.rmtree(workdir / "hf_back", ignore_errors=True)
+    proc = subprocess.run(command, shell=True, cwd=workdir, env=env, timeout=900, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == status, out[-4000:]
+    assert expect in out, out[-4000:]
+    if status == 2:
+        assert "Traceback" not in out
+    if "logprobs" in command:
+        assert len(json.loads((workdir / "out.jsonl").read_text())["logprobs"]) == 5
