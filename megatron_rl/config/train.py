@@ -20,9 +20,9 @@ class TrainConfig:
     """Pack micro-batches by token budget instead of count when > 0: each micro-batch holds
     sequences of similar length (sorted) whose padded size rows x longest stays within it."""
     mismatch_threshold: float = -1.0
-    """Mismatch gate: on the first step after every weight sync, the largest |trainer - rollout|
-    log-prob over response tokens (fp32 actors) or its mean (16-bit) above this stops the run.
-    < 0 = the default for the dtype (fp32: 1e-4 max; bf16/fp16: 0.05 mean); 0 disables it."""
+    """Mismatch gate: on the first step after every weight sync, a mean |trainer - rollout|
+    log-prob over the response tokens above this stops the run. < 0 = the default for the
+    dtype (fp32: 1e-4; bf16/fp16: 0.05); 0 disables it."""
 
     def __post_init__(self) -> None:
         require(self.num_steps >= 0, "`train.num_steps` must be >= 0.")

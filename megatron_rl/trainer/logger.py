@@ -24,7 +24,7 @@ log = logging.getLogger("megatron_rl.train")
 
 TIMING_PREFIXES = ("time/", "perf/")
 LINE_KEYS = ("reward/mean", "reward/accuracy", "sft/nll", "response/length_mean", "actor/entropy_mean",
-             "mismatch/abs_logp_diff_max")
+             "mismatch/abs_logp_diff_mean")
 """What the plain progress line (and the bar) shows, when present."""
 
 
