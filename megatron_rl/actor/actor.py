@@ -213,15 +213,29 @@ class Actor:
 
         ``with_entropy`` only matters for a plain ``LossFn`` (the fused path always has it).
         """
+        metrics = self.forward_backward(mbs, loss_fn, temperature=temperature, with_entropy=with_entropy)
+        return self.optimizer_step(metrics)
+
+    def forward_backward(self, mbs: list[MicroBatch], loss_fn: LossFn | TokenSeparableLoss, *,
+                         temperature: float, with_entropy: bool = False) -> dict[str, float]:
+        """The gradients of one step, not yet applied (``optimizer_step`` applies them, or
+        ``discard_gradients`` drops them: a caller may check something in between)."""
         assert self.optimizer is not None, "Actor built without an optimizer"
         for m in self.model:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         outs = self._run(mbs, loss_fn, forward_only=False, temperature=temperature, with_entropy=with_entropy)
+        return self._reduce_metrics(outs)
+
+    def optimizer_step(self, metrics: dict[str, float]) -> StepResult:
         ok, grad_norm, _ = self.optimizer.step()
-        return StepResult(metrics=self._reduce_metrics(outs), grad_norm=float(grad_norm or 0.0),
-                          skipped=not ok)
+        return StepResult(metrics=metrics, grad_norm=float(grad_norm or 0.0), skipped=not ok)
+
+    def discard_gradients(self) -> None:
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
 
     def _reduce_metrics(self, outs: list[dict[str, Tensor]]) -> dict[str, float]:
         """Sum metrics over micro-batches and DP ranks; broadcast from the last stage.

@@ -76,7 +76,9 @@ class TokenLoss:
     """
 
     cfg: AlgorithmConfig
-    old_logp_N: Tensor
+    old_logp_N: Tensor | None
+    """None: the policy that sampled is the one being trained (one update per step), so the
+    old log-probs are the current ones, detached: the ratio is 1 in value, not in gradient."""
     adv_N: Tensor
     valid_N: Tensor
     agg_weight_N: Tensor
@@ -85,7 +87,8 @@ class TokenLoss:
 
     def __call__(self, logp_n: Tensor, ent_n: Tensor, rows: slice | Tensor) -> Tensor:
         cfg, valid_n = self.cfg, self.valid_N[rows]
-        log_ratio_n = token_log_ratio(logp_n, self.old_logp_N[rows], valid_n)
+        old_n = logp_n.detach() if self.old_logp_N is None else self.old_logp_N[rows]
+        log_ratio_n = token_log_ratio(logp_n, old_n, valid_n)
         adv_n = self.adv_N[rows].to(log_ratio_n.dtype)
         per_n = clipped_surrogate(log_ratio_n, adv_n, cfg.clip_low, cfg.clip_high, cfg.dual_clip_c)
         if self.is_weight_N is not None:
@@ -108,7 +111,7 @@ def build_token_loss(
     cfg: AlgorithmConfig,
     norm: LossNormalizer,
     *,
-    old_logp_BT: Tensor,
+    old_logp_BT: Tensor | None,
     adv: Tensor,
     mask_BT: Tensor,
     ref_logp_BT: Tensor | None = None,
@@ -134,7 +137,7 @@ def build_token_loss(
     adv_BT = (adv[:, None] if adv.dim() == 1 else adv).expand(mask_BT.shape)
     return TokenLoss(
         cfg=cfg,
-        old_logp_N=flat(old_logp_BT),
+        old_logp_N=None if old_logp_BT is None else flat(old_logp_BT),
         adv_N=flat(adv_BT),
         valid_N=flat(mask_BT.bool()),
         agg_weight_N=flat(aggregation_weights(mask_BT, cfg.loss_agg_mode, norm)),

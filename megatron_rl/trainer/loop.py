@@ -150,46 +150,56 @@ class Trainer:
         return result[1], result[2]
 
     def train_updates(self, step: int, samples, adv) -> dict[str, float]:
-        """log-probs of every update's samples under the pre-step weights, the gate, then the updates."""
+        """Old log-probs of every update's samples under the pre-step weights (a forward pass
+        only when ``steps.needs_logprob_pass``), the mismatch gate, then the updates."""
         s, cfg, topo = self.s, self.cfg, self.s.topo
         parts = steps.mini_batches(cfg, samples)
         if not parts:
             return {"train/updates": 0.0}
         temperature = cfg.rollout.temperature
+        updates_per_step = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
+        separate_pass = steps.needs_logprob_pass(cfg, updates_per_step) or len(parts) > 1
         packs = []
         with self.phase(step, "logprobs"):
             for idx in parts:
-                sub = [samples[i] for i in idx]
-                packed = pack(sub, [adv[i] for i in idx], dp=topo.dp, dp_rank=topo.dp_rank,
+                packed = pack([samples[i] for i in idx], [adv[i] for i in idx], dp=topo.dp, dp_rank=topo.dp_rank,
                               max_tokens=cfg.train.max_tokens_per_microbatch,
                               micro_batch_size=cfg.train.micro_batch_size, pad_multiple=steps.pad_multiple(cfg),
                               uniform_shape=cfg.parallel.pp > 1)
-                for mb, out in zip(packed.micro_batches, s.actor.logprobs(packed.micro_batches, temperature=temperature)):
-                    mb.old_logp_BS = out["logp"]
+                if separate_pass:
+                    outs = s.actor.logprobs(packed.micro_batches, temperature=temperature)
+                    for mb, out in zip(packed.micro_batches, outs):
+                        mb.old_logp_BS = out["logp"]
                 if s.ref_actor is not None:
                     refs = s.ref_actor.logprobs(packed.micro_batches, temperature=temperature)
                     for mb, out in zip(packed.micro_batches, refs):
                         mb.ref_logp_BS = out["logp"]
                 packs.append(packed)
-        mbs = [mb for p in packs for mb in p.micro_batches]
-        metrics = step_mismatch([mb.old_logp_BS for mb in mbs], mbs, topo.dp_group if topo.dp > 1 else None)
-        # Every step follows a sync (the previous step's, or the one at start-up): gate it.
-        check_gate(metrics, dtype=cfg.model.dtype, threshold=cfg.train.mismatch_threshold, step=step,
-                   version=f"step{step}")
+        metrics: dict[str, float] = {}
+        if separate_pass:  # every step follows a sync (the previous step's, or start-up's): gate it
+            metrics = self.gate(step, [mb for p in packs for mb in p.micro_batches], "old_logp_BS")
         totals: dict[str, float] = defaultdict(float)
-        updates_per_step = cfg.train.prompts_per_step // cfg.train.mini_batch_prompts
         with self.phase(step, "train"):
             for u, packed in enumerate(packs):
                 for mb in packed.micro_batches:
-                    corr = algos.correct_mismatch(cfg.algorithm, mb.old_logp_BS, mb.rollout_logp_BS, mb.loss_mask_BS)
-                    mb.loss_mask_BS, mb.weight_BS = corr.mask_BT.float(), corr.weight_BT
+                    if mb.old_logp_BS is not None:
+                        corr = algos.correct_mismatch(cfg.algorithm, mb.old_logp_BS, mb.rollout_logp_BS,
+                                                      mb.loss_mask_BS)
+                        mb.loss_mask_BS, mb.weight_BS = corr.mask_BT.float(), corr.weight_BT
                 norm = algos.build_normalizer([mb.loss_mask_BS for mb in packed.micro_batches], cfg.rollout.max_new_tokens,
                                               topo.dp_group if topo.dp > 1 else None)
                 update = step * updates_per_step + u
                 lr = steps.learning_rate(cfg.optimizer, update, cfg.train.num_steps * updates_per_step)
                 steps.set_lr(s.actor.optimizer, lr)
-                res = s.actor.train_step(packed.micro_batches, steps.build_loss(cfg, norm), temperature=temperature,
-                                         with_entropy=True)
+                grads = s.actor.forward_backward(packed.micro_batches, steps.build_loss(cfg, norm),
+                                                 temperature=temperature, with_entropy=True)
+                if not separate_pass:  # the gate on the training forward's log-probs, before any update
+                    try:
+                        metrics = self.gate(step, packed.micro_batches, "train_logp_BS")
+                    except BaseException:
+                        s.actor.discard_gradients()
+                        raise
+                res = s.actor.optimizer_step(grads)
                 for k, v in res.metrics.items():
                     totals[k] += v / len(packs)
                 totals["actor/grad_norm"] += res.grad_norm / len(packs)
@@ -199,9 +209,18 @@ class Trainer:
         real = sum(p.real_tokens for p in packs)
         totals["perf/padding_frac"] = 1.0 - real / max(pad, 1)
         totals["train/updates"] = float(len(packs))
+        totals["train/logprob_pass"] = float(separate_pass)
         totals["optimizer/adam_step"] = steps.adam_step(s.actor.optimizer)
         totals["perf/train_tokens_per_s"] = real * topo.dp / max(self.timings["time/train"], 1e-9)
         return {**metrics, **totals}
+
+    def gate(self, step: int, mbs, field: str) -> dict[str, float]:
+        """Mismatch metrics over every DP rank's tokens, and the gate (every step follows a sync)."""
+        cfg, topo = self.cfg, self.s.topo
+        metrics = step_mismatch([getattr(mb, field) for mb in mbs], mbs, topo.dp_group if topo.dp > 1 else None)
+        check_gate(metrics, dtype=cfg.model.dtype, threshold=cfg.train.mismatch_threshold, step=step,
+                   version=f"step{step}")
+        return metrics
 
     # ------------------------------------------------------------------ services
     def sync(self, version_step: int) -> None:
@@ -262,7 +281,7 @@ def train(cfg: RunConfig) -> int:
     from megatron_rl.parallel.topology import Topology
     from megatron_rl.trainer.session import torch_threads
 
-    torch_threads()
+    torch_threads(cfg)
     quiet_libraries()
     s = open_session(cfg)
     try:

@@ -65,7 +65,7 @@ def sft(cfg: RunConfig) -> int:
     from megatron_rl.trainer.export import export_hf_dir
     from megatron_rl.trainer.loop import quiet_libraries
 
-    torch_threads()
+    torch_threads(cfg)
     quiet_libraries()
     check_world(cfg)
     topo = Topology.initialize(cfg.parallel, seed=cfg.seed)

@@ -68,6 +68,18 @@ def pad_multiple(cfg: RunConfig) -> int:
     return m
 
 
+def needs_logprob_pass(cfg: RunConfig, updates_per_step: int) -> bool:
+    """Whether old log-probs need their own forward pass before the updates.
+
+    With one update per step the policy that sampled is the one being trained: the old
+    log-probs are the current ones, detached, and the mismatch gate reads the training
+    forward's log-probs (checked before the optimizer step, so a failed gate still trains
+    nothing). A second update, rollout correction (its weights are needed before the loss) or
+    pipeline parallelism (log-probs live on the last stage only) need the pass.
+    """
+    return updates_per_step > 1 or cfg.algorithm.tis_mode != "none" or cfg.parallel.pp > 1
+
+
 def learning_rate(opt: OptimizerConfig, update: int, total_updates: int) -> float:
     """The schedule as a pure function of the update count (so a resume needs no state)."""
     if opt.warmup_steps and update < opt.warmup_steps:
@@ -101,8 +113,10 @@ def build_loss(cfg: RunConfig, norm):
     a = cfg.algorithm
 
     def metrics_fn(logp, ent, mb):
+        mb.train_logp_BS = logp.detach()  # the gate reads them when no separate pass ran
+        old = mb.old_logp_BS if mb.old_logp_BS is not None else logp.detach()
         loss, metrics = algos.actor_loss(
-            a, norm, logp_BT=logp, old_logp_BT=mb.old_logp_BS, adv=mb.adv_BS, mask_BT=mb.loss_mask_BS,
+            a, norm, logp_BT=logp, old_logp_BT=old, adv=mb.adv_BS, mask_BT=mb.loss_mask_BS,
             ref_logp_BT=mb.ref_logp_BS, entropy_BT=ent, weight_BT=mb.weight_BS)
         if ent is not None:  # logged whatever entropy_coef is: a collapsing policy shows here first
             valid = mb.loss_mask_BS.bool()

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 def _tp2(tiny, run_dir, **over):
     """The recipe's own layout: TP=2 on 2 processes (the supervisor starts torchrun)."""
     over.setdefault("train", {}).setdefault("num_steps", 4)
+    over["train"].setdefault("mini_batch_prompts", 1)  # two updates per step: the separate old-log-prob pass
     return sections(tiny, run_dir, parallel={"tp": 2}, **over)
 
 
