@@ -54,6 +54,9 @@ class RolloutConfig:
     """Most tokens generated per sample (longer samples finish with reason `length`)."""
     n_samples: int = 8
     """Samples per prompt (GRPO group size)."""
+    colocate: bool = False
+    """The servers share the trainer's GPUs: they release their memory (weights, KV cache) after
+    generation and take it back for the weight sync. False: they keep their own GPUs."""
     deterministic: bool = False
     """Results depend only on each request's seed, never on batching (embedded: `--deterministic`;
     SGLang: `--enable-deterministic-inference`). Needed for bit-exact resume; costs speed."""
@@ -86,3 +89,6 @@ class RolloutConfig:
         require(self.top_k == -1 or self.top_k >= 1, "`rollout.top_k` must be -1 (off) or >= 1.")
         require(self.max_new_tokens >= 1, "`rollout.max_new_tokens` must be >= 1.")
         require(self.n_samples >= 1, "`rollout.n_samples` must be >= 1.")
+        require(not (self.colocate and self.server_urls),
+                "`rollout.colocate: true` releases and resumes the memory of servers this run launches on "
+                "its own GPUs; attached servers (`rollout.server_urls`) keep theirs: set colocate=false.")

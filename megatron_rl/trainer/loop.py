@@ -111,10 +111,13 @@ class Trainer:
         self.sample_log = [{"data_source": x.data_source, "reward": x.reward, "finish": x.finish_reason,
                             "prompt_len": len(x.prompt_ids), "response": x.extra.get("text", "")}
                            for x in samples[: cfg.logging.log_samples]]
+        self.server_memory("release")  # colocated: the actor gets the GPU memory back
         metrics.update(self.train_updates(step, samples, adv))
         with self.phase(step, "sync"):
             self.s.drop_dead_servers()  # lost mid-step: the client already re-sent their requests
+            self.server_memory("resume", ["weights"])
             self.sync(step + 1)
+            self.server_memory("resume", ["kv_cache"])
         if cfg.checkpoint.dir and (step + 1) % cfg.checkpoint.save_every == 0:
             with self.phase(step, "checkpoint"):
                 self.save(step + 1)
@@ -127,6 +130,23 @@ class Trainer:
         metrics["perf/generated_tokens_per_s"] = gen_tokens / max(self.timings["time/generate"], 1e-9)
         return metrics
 
+    def server_memory(self, action: str, tags: list[str] | None = None) -> None:
+        """Colocated servers (``rollout.colocate``): release all their memory while the actor
+        trains; take the weights' memory back before the sync and the KV cache's after it
+        (SGLang's memory-saver tags), so both never hold the GPU at once."""
+        s = self.s
+        if not self.cfg.rollout.colocate:
+            return
+        client = s.client
+
+        def call() -> None:
+            if action == "release":
+                s.run(client.release_memory_occupation(tags))
+            else:
+                s.run(client.resume_memory_occupation(tags))
+
+        on_rank0(call)
+
     def generate(self, step: int):
         """Rank 0 generates and grades; every rank gets the groups (or the error that stopped it)."""
         s = self.s
@@ -137,6 +157,8 @@ class Trainer:
             try:
                 gen = Generator(self.cfg, s.client, s.pool, s.tokenizer)
                 out = s.run(gen.step(s.stream, step))
+                out.metrics["data/epoch"] = float(s.stream.epoch)
+                out.metrics["data/prompts_dropped"] = float(s.stream.dataset.num_dropped)
                 result = ("ok", out.groups, out.metrics)
             except RolloutError as e:
                 result = ("rollout_error", str(e), None)

@@ -63,3 +63,20 @@ def test_token_budget_must_hold_the_longest_sample():
 def test_eval_top_p_is_validated():
     with pytest.raises(ConfigError, match="eval.top_p"):
         load_config(None, ["eval.top_p=0"])
+
+
+def test_gspo_with_token_level_clip_or_aggregation_is_refused():
+
+    with pytest.raises(ConfigError, match="never clip"):
+        load_config(None, ["algorithm.policy_loss=gspo", "algorithm.loss_agg_mode=seq-mean-token-mean"])
+    with pytest.raises(ConfigError, match="seq-mean-token-mean"):
+        load_config(None, ["algorithm.policy_loss=gspo", "algorithm.clip_low=3e-4", "algorithm.clip_high=4e-4"])
+    cfg = load_config(None, ["algorithm.policy_loss=gspo", "algorithm.clip_low=3e-4", "algorithm.clip_high=4e-4",
+                             "algorithm.loss_agg_mode=seq-mean-token-mean"])
+    assert cfg.algorithm.policy_loss == "gspo"
+
+
+def test_colocate_with_attached_servers_is_refused():
+
+    with pytest.raises(ConfigError, match="colocate"):
+        load_config(None, ["rollout.colocate=true", "rollout.server_urls=[http://node3:30000]"])

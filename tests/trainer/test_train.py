@@ -14,7 +14,8 @@ def test_train_writes_metrics_checkpoints_samples_and_hf_export(tiny, tmp_path):
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", **sections(tiny, run_dir, eval={
         "files": [str(tiny / "eval.parquet")], "n_samples": 2, "temperature": 0.0, "max_new_tokens": 8,
-        "pass_k": [1, 2]}, logging={"output_dir": str(run_dir), "wandb_project": "tiny", "wandb_mode": "offline"}))
+        "pass_k": [1, 2]}, logging={"output_dir": str(run_dir), "wandb_project": "tiny", "wandb_mode": "offline"},
+        rollout={"colocate": True}))  # release/resume around training: no-ops on CPU, same driver path
     proc = run(["train", recipe], timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = metrics(run_dir)
@@ -24,6 +25,7 @@ def test_train_writes_metrics_checkpoints_samples_and_hf_export(tiny, tmp_path):
                 "mismatch/abs_logp_diff_max", "mismatch/kl_k3", "mismatch/ratio_p95", "actor/clipfrac_high"):
         assert key in rows[0], key
     assert all(r["mismatch/abs_logp_diff_max"] < 1e-4 for r in rows)  # the gate's own check held
+    assert rows[0]["data/prompts_dropped"] == 0 and rows[0]["data/epoch"] == 0
     timed = metrics(run_dir, drop_timings=False)[0]
     assert {"time/generate", "time/train", "time/sync", "perf/generated_tokens_per_s", "perf/padding_frac"} <= set(timed)
     assert (run_dir / "ckpt" / "latest").read_text().strip() == "step_00000003"
