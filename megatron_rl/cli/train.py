@@ -20,22 +20,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from megatron_rl.config.run import load_config
-    from megatron_rl.trainer.launch import (
-        adopt_slurm_env,
-        in_launched_world,
-        preflight,
-        set_parent_death_signal,
-        supervise,
-    )
+    from megatron_rl.trainer.launch import run_job
 
-    cfg = load_config(args.recipe, args.overrides)  # every config error before anything starts
-    preflight(cfg, rl=True)
-    adopt_slurm_env()
-    if not in_launched_world() and cfg.parallel.world_size > 1:
-        return supervise(["train", args.recipe, *args.overrides], cfg.parallel.world_size)
-    if in_launched_world():
-        set_parent_death_signal()  # torchrun's worker: go when torchrun goes
-    from megatron_rl.trainer.loop import train
-
-    return train(cfg)
+    return run_job("train", args.recipe, list(args.overrides))

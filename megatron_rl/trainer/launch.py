@@ -101,3 +101,27 @@ def preflight(cfg, *, rl: bool = True) -> None:
     if problems:
         error = DataError if not any("model.path" in p for p in problems) else ConfigError
         raise error("Cannot start the run: " + "; ".join(problems) + ".")
+
+
+def run_job(command: str, recipe: str, overrides: list[str]) -> int:
+    """``megatron-rl train|sft RECIPE [overrides]``: validate, then lead or join the world.
+
+    Every config error and missing input is reported before any process starts; run plainly
+    with a world larger than one, this process becomes the supervisor of a local torchrun.
+    """
+    from megatron_rl.config.run import load_config
+
+    cfg = load_config(recipe, overrides)
+    preflight(cfg, rl=command == "train")
+    adopt_slurm_env()
+    if not in_launched_world() and cfg.parallel.world_size > 1:
+        return supervise([command, recipe, *overrides], cfg.parallel.world_size)
+    if in_launched_world():
+        set_parent_death_signal()  # torchrun's worker: go when torchrun goes
+    if command == "train":
+        from megatron_rl.trainer.loop import train
+
+        return train(cfg)
+    from megatron_rl.trainer.sft import sft
+
+    return sft(cfg)
