@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from megatron_rl.rewards.math_extract import choice_letter, normalize
+from megatron_rl.rewards.math_extract import choice_letter, has_percent, normalize
 
 _MATH_WORDS = frozenset(
     "sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln exp lim max min "
@@ -49,7 +49,10 @@ def is_word_answer(norm: str) -> bool:
 
 
 def _word_key(s: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", s.lower())
+    """Case and spacing do not matter in a word answer; signs, decimal points, slashes and
+    every other character do ("-2 points" is not "2 points", "1.5 laps" is not "15 laps")."""
+    s = re.sub(r"\\(?:text|textnormal|mathrm|mbox)\s*\{([^{}]*)\}", r"\1", s)
+    return re.sub(r"\s+", "", s.lower()).rstrip(".")
 
 
 def to_sympy_text(norm: str) -> str | None:
@@ -92,7 +95,7 @@ def sympy_compare(pred_norm: str, gt_norm: str) -> bool | None:
 
     Two integers are decided exactly: math-verify compares numbers to 6 significant
     digits, which would equal 2^100 and 2^100 + 1. Other numbers must agree to 1e-12
-    relative, so 3.14 is not pi."""
+    relative, so 3.14 is not pi; two numbers that do not are unequal (False, not None)."""
     a_txt, b_txt = to_sympy_text(pred_norm), to_sympy_text(gt_norm)
     if a_txt is None or b_txt is None:
         return None
@@ -116,10 +119,10 @@ def sympy_compare(pred_norm: str, gt_norm: str) -> bool | None:
         if not (a.is_finite and b.is_finite):
             return True if a == b else None  # oo vs -oo: the difference says nothing
         diff = a - b
-        if not diff.free_symbols:
+        if not diff.free_symbols:  # two numbers: decided here, never by rounding later
             value = complex(sympy.N(diff, 30))
             scale = max(1.0, abs(complex(sympy.N(b, 30))))
-            return True if abs(value) <= 1e-12 * scale else None
+            return bool(abs(value) <= 1e-12 * scale)
         return True if sympy.simplify(diff) == 0 else None
     except Exception:  # sympy raises many types on odd input: no verdict
         return None
@@ -137,6 +140,30 @@ def math_verify_equal(pred: str, gt: str, timeout_s: int | None) -> bool:
     return bool(verify(gold, target, timeout_seconds=timeout_s))
 
 
+def _top_level_commas(norm: str) -> int:
+    depth = count = 0
+    for ch in norm:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            count += 1
+    return count
+
+
+def _percent_compare(p: str, g: str, p_pct: bool, g_pct: bool) -> bool | None:
+    """A percentage equals its number or its hundredth ("30\\%" is 30 and 0.3), strictly."""
+    verdicts = [sympy_compare(p, g)]
+    if p_pct and not g_pct:
+        verdicts.append(sympy_compare(f"({p})/100", g))
+    if g_pct and not p_pct:
+        verdicts.append(sympy_compare(p, f"({g})/100"))
+    if any(verdicts):
+        return True
+    return None if None in verdicts else False
+
+
 def is_equivalent(pred: str, gt: str, *, timeout_s: int | None = 5) -> bool:
     """True when answer ``pred`` equals reference ``gt`` (both unboxed answer strings)."""
     p, g = normalize(pred), normalize(gt)
@@ -148,9 +175,12 @@ def is_equivalent(pred: str, gt: str, *, timeout_s: int | None = 5) -> bool:
         return choice_letter(p) == choice_letter(g)
     if is_word_answer(g) or is_word_answer(p):
         return _word_key(p) == _word_key(g)
-    verdict = sympy_compare(p, g)
-    if verdict is not None and ("%" not in pred + gt or verdict):
-        return verdict  # a percent sign changes the value, which normal forms drop
+    if _top_level_commas(p) != _top_level_commas(g) and "\\begin" not in p + g:
+        return False  # "1, 234" is a list of two, never the number 1234
+    p_pct, g_pct = has_percent(pred), has_percent(gt)
+    verdict = _percent_compare(p, g, p_pct, g_pct) if p_pct or g_pct else sympy_compare(p, g)
+    if verdict is not None:
+        return verdict
     if math_verify_equal(pred, gt, timeout_s):
         return True
     return (p, g) != (pred, gt) and math_verify_equal(p, g, timeout_s)

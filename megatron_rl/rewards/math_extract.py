@@ -16,19 +16,34 @@ from __future__ import annotations
 import re
 
 _BOX_CMDS = ("\\boxed", "\\fbox")
-# Spacing and sizing commands that never carry meaning.
-_NOISE = re.compile(r"(?<!\\)\\[,;:! ]|\\(?:displaystyle|left|right|big|Big|bigg|Bigg)(?![a-zA-Z])|~")
+# Spacing and sizing commands that never carry meaning ("\\!" joins, the others space).
+_NOISE = re.compile(r"(?<!\\)\\[,;: ]|\\(?:displaystyle|left|right|big|Big|bigg|Bigg)(?![a-zA-Z])|~")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
-_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
-_UNIT_WORDS = (
-    "square units|sq units|units?|cm\\^?2|cm|mm|km|m\\^?2|m|meters?|metres?|inch(?:es)?|in|"
+_TEXT_NAMES = "text|textnormal|textbf|textit|textrm|textsf|texttt|mathrm|mathbf|mathit|mbox|operatorname"
+_TEXT_CMD = re.compile(rf"\\(?:{_TEXT_NAMES})\s*\{{([^{{}}]*)\}}")
+# Units stripped after a number. Single letters (m, g) only inside \text{}: bare "2m" may be
+# 2 times m. Inside \text{} any run of words after a number is a unit ("17 \text{ apples}").
+_BARE_UNITS = (
+    "square units|sq units|units?|cm\\^?2|cm|mm|km|meters?|metres?|inch(?:es)?|in|"
     "feet|foot|ft|yards?|miles?|mph|degrees?|cents?|dollars?|hours?|hrs?|minutes?|mins?|"
-    "seconds?|secs?|days?|weeks?|years?|pounds?|lbs?|kg|grams?|g|liters?|litres?|ml|"
+    "seconds?|secs?|days?|weeks?|years?|pounds?|lbs?|kg|grams?|liters?|litres?|ml|"
     "people|students?|ways?"
 )
-_TRAILING_UNIT = re.compile(rf"^(.*?\d\}}?)\s*(?:\\,)?\s*(?:{_UNIT_WORDS})\.?$", re.IGNORECASE)
+_TEXT_UNITS = _BARE_UNITS + "|m\\^?2|m|g"
+_TRAILING_UNIT = re.compile(rf"^(.*?\d\}}?)\s*(?:{_BARE_UNITS})\.?$", re.IGNORECASE)
+# A plain number: sign, digits, separators, decimal point, simple fractions and roots.
+_NUMBER = r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+|\\[dt]?frac\{\d+\}\{\d+\}|\d*\\sqrt\{\d+\})"
+_NUMBER_TEXT_UNIT = re.compile(
+    rf"^\s*({_NUMBER})\s*\\(?:{_TEXT_NAMES})\s*\{{\s*[a-zA-Z][a-zA-Z .'-]*\}}\s*(?:\^\{{?[23]\}}?)?\.?\s*$")
+_NUMBER_BARE_WORDS = re.compile(rf"^\s*({_NUMBER})\s+([a-zA-Z]{{3,}}(?:[ -][a-zA-Z]{{3,}})*)\.?\s*$")
+_PERCENT_WORD = re.compile(
+    r"(\d|\})\s*(?:\\(?:text|textnormal|mbox|mathrm)\s*\{\s*)?(?:percent(?:age)?|pct)\.?\s*\}?",
+    re.IGNORECASE)
+# "1,000" (no space) is one number; "1, 000" is a list of two.
 _THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _SIMPLE_LHS = re.compile(r"^[a-zA-Z](?:_\{?[a-zA-Z0-9]+\}?)?(?:\([a-zA-Z]\))?$")
+_MATH_NAMES = frozenset(
+    "sin cos tan cot sec csc log exp lim max min mod gcd lcm det deg sqrt frac".split())
 _CHOICE = re.compile(r"^\(?([A-Ea-e])\)?[.:]?$")
 
 
@@ -86,34 +101,54 @@ def _unwrap_text(s: str) -> str:
     return s
 
 
+def _strip_units(s: str) -> str:
+    """Drop a unit after a number: any ``\\text{words}`` or bare words of 3+ letters after a
+    plain number, or a listed unit after any expression ending in a digit."""
+    m = _NUMBER_TEXT_UNIT.match(s)
+    if m:
+        return m.group(1)
+    if re.search(r"\d", s):
+        s = re.sub(r"\s*\\(?:" + _TEXT_NAMES + r")\s*\{\s*(?:" + _TEXT_UNITS + r")\s*\}\s*$", "",
+                   s, flags=re.IGNORECASE)
+    s = _unwrap_text(s).strip()
+    m = _NUMBER_BARE_WORDS.match(s)
+    if m and not set(re.split(r"[ -]", m.group(2).lower())) & _MATH_NAMES:
+        return m.group(1)
+    m = _TRAILING_UNIT.match(s)
+    return m.group(1) if m else s
+
+
+def has_percent(answer: str) -> bool:
+    """The answer is written as a percentage ("30\\%", "30%", "30 percent")."""
+    return "%" in answer or bool(_PERCENT_WORD.search(answer))
+
+
 def normalize(answer: str) -> str:
     """Presentation-free form of an answer string (see module docstring)."""
     s = answer.strip().replace("\n", " ")
-    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
     s = re.sub(r"\\(begin|end)\{bmatrix\}", r"\\\1{pmatrix}", s)
     s = s.replace("\\varnothing", "\\emptyset").replace("\\{\\}", "\\emptyset")
+    s = s.replace("\\!", "")
     s = _NOISE.sub(" ", s)
     s = _DEGREES.sub("", s)
+    s = _PERCENT_WORD.sub(r"\1", s)
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
-    # Units after a number: "10 \text{ cm}" and "10 cm" both become "10".
-    s = re.sub(r"\s*\\(?:text|mbox|mathrm)\s*\{\s*(?:" + _UNIT_WORDS + r")\s*\}\s*$", "",
-               s, flags=re.IGNORECASE) if re.search(r"\d", s) else s
-    s = _unwrap_text(s).strip()
-    m = _TRAILING_UNIT.match(s)
-    if m:
-        s = m.group(1)
+    s = _strip_units(s.strip())
     s = s.replace("{,}", ",").strip().rstrip(".").strip()
     if "=" in s and s.count("=") == 1:
         lhs, rhs = (p.strip() for p in s.split("="))
         if _SIMPLE_LHS.match(lhs) and rhs:
             s = rhs
     s = _fix_fracs(s)
+    one_number = _THOUSANDS.match(s) is not None  # before spaces go: "1, 234" is a list
     s = re.sub(r"\s+", "", s)
-    if _THOUSANDS.match(s):
+    if one_number:
         s = s.replace(",", "")
-    # "0.5" and ".5", "2.0" and "2", "1/2" and "\frac{1}{2}"
+    # "0.5" and ".5", "2.0" and "2", "1/2" and "\\frac{1}{2}"
     s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)
     s = re.sub(r"^(-?\d+)\.0+$", r"\1", s)
+    s = re.sub(r"^(-?\d+\.\d*?)0+$", r"\1", s)
     s = re.sub(r"^(-?)0+(\d)", r"\1\2", s)
     s = re.sub(r"^(-?)(\d+)/(\d+)$", r"\1\\frac{\2}{\3}", s)
     return s

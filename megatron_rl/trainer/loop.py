@@ -20,7 +20,7 @@ import torch
 
 from megatron_rl import algos
 from megatron_rl.config.run import RunConfig, to_dict
-from megatron_rl.errors import RolloutError
+from megatron_rl.errors import RolloutError, UserError
 from megatron_rl.trainer import steps
 from megatron_rl.trainer.batching import pack
 from megatron_rl.trainer.dist_utils import any_rank, broadcast, on_rank0
@@ -77,7 +77,14 @@ class Trainer:
             for step in range(s.start_step, cfg.train.num_steps):
                 self.timings.clear()
                 t0 = time.perf_counter()
-                metrics = self.train_step(step)
+                try:
+                    metrics = self.train_step(step)
+                except UserError:
+                    # No server left, a broken grader, the mismatch gate: nothing of this step
+                    # was applied, so the last completed step is what we keep (then stop).
+                    if cfg.checkpoint.dir and step > self.last_saved:
+                        self.save(step)
+                    raise
                 metrics["time/step"] = time.perf_counter() - t0
                 if self.logger is not None:
                     self.logger.step(step, metrics, self.sample_log)
@@ -164,9 +171,6 @@ class Trainer:
                 result = ("rollout_error", str(e), None)
         result = broadcast(result)
         if result[0] == "rollout_error":
-            # Nothing of this step was trained: the last completed step is what we keep.
-            if self.cfg.checkpoint.dir and step > self.last_saved:
-                self.save(step)
             raise RolloutError(f"{result[1]} The run saved its state after step {step} and stopped; start the "
                                "same command again once servers are back (it resumes from there).")
         return result[1], result[2]

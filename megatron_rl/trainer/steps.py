@@ -14,6 +14,11 @@ from megatron_rl import algos
 from megatron_rl.actor.actor import TokenSeparableLoss
 from megatron_rl.config.optimizer import OptimizerConfig
 from megatron_rl.config.run import RunConfig
+from megatron_rl.errors import UserError
+
+
+class GraderError(UserError):
+    """Too many samples of a step could not be graded (a broken grader, not wrong answers)."""
 from megatron_rl.trainer.samples import ScoredSample
 
 
@@ -31,7 +36,15 @@ def shape(cfg: RunConfig, samples: list[ScoredSample]) -> dict[str, float]:
             s.trainable = False  # unknown grade: neither a wrong nor a right answer
         if a.overlong_filter and s.finish_reason == "length":
             s.trainable = False
-    out["reward/grader_failed"] = float(sum(s.grader_failed for s in samples))
+    failed = sum(s.grader_failed for s in samples)
+    out["reward/grader_failed"] = float(failed)
+    if failed > cfg.reward.max_failed_share * len(samples):
+        tags = sorted({s.grade_tag.split(":", 1)[0] for s in samples if s.grader_failed})
+        raise GraderError(
+            f"{failed} of {len(samples)} samples of this step could not be graded ({', '.join(tags)}), more than "
+            f"`reward.max_failed_share` = {cfg.reward.max_failed_share:g}: the grader or its sandbox is broken, "
+            "and training on the rest would skew every advantage. See train.log for the graders' errors; raise "
+            "`reward.timeout_s` if the grader is merely slow.")
     out["overlong/filtered"] = float(sum(a.overlong_filter and s.finish_reason == "length" for s in samples))
     return out
 

@@ -64,7 +64,7 @@ def test_pack_uniform_shape_for_pipeline_parallel():
 
 
 def test_shape_masks_grader_failures_and_overlong_and_leaves_them_out_of_baselines():
-    cfg = load_config(None, ["algorithm.overlong_filter=true", "rollout.max_new_tokens=4"])
+    cfg = load_config(None, ["algorithm.overlong_filter=true", "rollout.max_new_tokens=4", "reward.max_failed_share=0.5"])
     s = [sample(0, 0, 2, 2, 1.0), sample(0, 1, 2, 2, 0.0, tag="grader_error: boom"),
          sample(0, 2, 2, 4, 0.0, finish="length"), sample(0, 3, 2, 2, 0.0)]
     metrics = steps.shape(cfg, s)

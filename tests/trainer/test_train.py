@@ -80,12 +80,18 @@ def test_config_typo_is_refused_before_anything_starts(tiny, tmp_path):
 def test_grader_failures_are_masked_and_counted_not_fatal(tiny, tmp_path):
     # A 1 ms grading deadline kills every reward worker mid-grade (the pool replaces it).
     run_dir = tmp_path / "run"
-    sec = sections(tiny, run_dir, reward={"timeout_s": 0.001}, train={"num_steps": 1})
+    sec = sections(tiny, run_dir, reward={"timeout_s": 0.001, "max_failed_share": 1.0}, train={"num_steps": 1})
     proc = run(["train", write_recipe(tmp_path / "r.yaml", **sec)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = metrics(run_dir)
     assert row["reward/grader_failed"] == 4 and row["train/masked_samples"] == 4
     assert row["actor/loss"] == 0.0  # nothing trained on unknown grades
+    # Above the share (default 0.25), a broken grader stops the run instead of skewing it.
+    sec["reward"]["max_failed_share"] = 0.25
+    sec["logging"]["output_dir"] = str(tmp_path / "run2")
+    sec["checkpoint"]["dir"] = str(tmp_path / "run2" / "ckpt")
+    proc = run(["train", write_recipe(tmp_path / "r2.yaml", **sec)], timeout=300)
+    assert proc.returncode == 2 and "could not be graded" in one_paragraph(proc.stderr)
 
 
 def test_broken_weight_mapping_trips_the_mismatch_gate_on_the_first_step(tiny, tmp_path):
