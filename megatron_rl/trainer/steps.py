@@ -15,11 +15,11 @@ from megatron_rl.actor.actor import TokenSeparableLoss
 from megatron_rl.config.optimizer import OptimizerConfig
 from megatron_rl.config.run import RunConfig
 from megatron_rl.errors import UserError
+from megatron_rl.trainer.samples import ScoredSample
 
 
 class GraderError(UserError):
     """Too many samples of a step could not be graded (a broken grader, not wrong answers)."""
-from megatron_rl.trainer.samples import ScoredSample
 
 
 def shape(cfg: RunConfig, samples: list[ScoredSample]) -> dict[str, float]:
