@@ -4,6 +4,13 @@ The final answer is the last ``\\boxed{...}`` after ``</think>`` (``math_extract
 correct when it is equivalent to any of the reference answers (``math_equiv``:
 normalisation, then sympy, then math-verify). No partial credit and no format bonus.
 
+Thinking format (``require_think_close``): with templates that put ``<think>`` in the prompt
+(DeepSeek-R1-Distill), a response carries only the closing tag, and one cut off mid-thought
+carries neither; its last ``\\boxed{}`` is a tentative answer inside the reasoning. Callers
+training thinking models pass ``require_think_close=True``: a response without ``</think>``
+then scores 0.0 ("no_think_close"), as DeepScaleR does. The default (False) grades responses
+without any think tags on their last box, for models that do not think in tags.
+
 ``compute_score`` runs the whole check in a worker process (``worker``) under a hard time
 limit, because symbolic checks can hang in C code; a timeout or a grader crash scores 0.0
 and logs the reason, it never raises into the trainer. ``grade_math`` is the same check
@@ -31,9 +38,12 @@ _worker_lock = threading.Lock()
 
 
 def grade_math(response: str, ground_truth: str | list[str], *,
-               timeout_s: int | None = 5) -> Grade:
+               timeout_s: int | None = 5, require_think_close: bool = False) -> Grade:
     """Grade in this process. ``timeout_s`` feeds math-verify's ``signal.alarm`` timeouts,
-    which work only on the main thread, so it is ignored on any other thread."""
+    which work only on the main thread, so it is ignored on any other thread.
+    ``require_think_close``: see the module docstring (thinking format)."""
+    if require_think_close and "</think>" not in response:
+        return fail("no_think_close")
     answer = final_answer(response)
     if answer is None:
         if "<think>" in response and "</think>" not in response:
@@ -61,12 +71,13 @@ def _shared_worker() -> WorkerProcess:
 
 def grade_math_isolated(response: str, ground_truth: str | list[str], *,
                         timeout_s: float = DEFAULT_TIMEOUT_S,
-                        worker: WorkerProcess | None = None) -> Grade:
+                        worker: WorkerProcess | None = None,
+                        require_think_close: bool = False) -> Grade:
     """``grade_math`` in a worker process, killed after ``timeout_s``; never raises."""
     inner = max(1, int(timeout_s // 4))  # math-verify's own alarms fire well before the kill
     ok, value = (worker or _shared_worker()).call(
         "megatron_rl.rewards.math:grade_math", (response, ground_truth),
-        {"timeout_s": inner}, timeout_s)
+        {"timeout_s": inner, "require_think_close": require_think_close}, timeout_s)
     if not ok:
         logger.warning("math grader failed, reward 0: %s", value)
         return fail(f"grader_error: {value}")
@@ -74,12 +85,16 @@ def grade_math_isolated(response: str, ground_truth: str | list[str], *,
 
 
 def compute_score(response: str, ground_truth: str | list[str], *,
-                  timeout_s: float = DEFAULT_TIMEOUT_S) -> float:
+                  timeout_s: float = DEFAULT_TIMEOUT_S,
+                  require_think_close: bool = False) -> float:
     """1.0 if the response's final boxed answer matches ``ground_truth`` (or any of a
     list), else 0.0; graded in a worker process under ``timeout_s`` (see module doc).
+    ``require_think_close=True``: a response without ``</think>`` scores 0.0 (thinking
+    models whose template opens ``<think>`` in the prompt).
 
     Calls share one worker and run one at a time; for throughput use ``RewardPool``."""
-    grade = grade_math_isolated(response, ground_truth, timeout_s=timeout_s)
+    grade = grade_math_isolated(response, ground_truth, timeout_s=timeout_s,
+                                require_think_close=require_think_close)
     if grade.score == 0.0:
         logger.debug("math reward 0: %s", grade.reason)
     return grade.score

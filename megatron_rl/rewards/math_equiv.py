@@ -116,14 +116,21 @@ def sympy_compare(pred_norm: str, gt_norm: str) -> bool | None:
         b = parse_expr(b_txt, transformations=transforms, evaluate=True)
         if a.is_Integer and b.is_Integer:
             return bool(a == b)
-        if not (a.is_finite and b.is_finite):
+        if any(x.has(sympy.oo, sympy.zoo, sympy.nan) for x in (a, b)):
             return True if a == b else None  # oo vs -oo: the difference says nothing
         diff = a - b
         if not diff.free_symbols:  # two numbers: decided here, never by rounding later
             value = complex(sympy.N(diff, 30))
             scale = max(1.0, abs(complex(sympy.N(b, 30))))
             return bool(abs(value) <= 1e-12 * scale)
-        return True if sympy.simplify(diff) == 0 else None
+        if sympy.simplify(diff) == 0:
+            return True
+        # Different variables on each side ("2m" and "2"): unequal, not a unit to drop.
+        # Only single-letter variables and no function names (implicit multiplication reads
+        # "log2" as l*o*g*2): then other variables on one side mean unequal.
+        if a.free_symbols != b.free_symbols and not re.search(r"[a-zA-Z]{2}", a_txt + b_txt):
+            return False
+        return None  # leave it to math-verify
     except Exception:  # sympy raises many types on odd input: no verdict
         return None
 

@@ -32,13 +32,14 @@ _BARE_UNITS = (
 _TEXT_UNITS = _BARE_UNITS + "|m\\^?2|m|g"
 _TRAILING_UNIT = re.compile(rf"^(.*?\d\}}?)\s*(?:{_BARE_UNITS})\.?$", re.IGNORECASE)
 # A plain number: sign, digits, separators, decimal point, simple fractions and roots.
-_NUMBER = r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+|\\[dt]?frac\{\d+\}\{\d+\}|\d*\\sqrt\{\d+\})"
+_NUMBER = r"[-+]?(?:\d+/\d+|\d[\d,]*(?:\.\d*)?|\.\d+|\\[dt]?frac\{\d+\}\{\d+\}|\d*\\sqrt\{\d+\})"
 _NUMBER_TEXT_UNIT = re.compile(
     rf"^\s*({_NUMBER})\s*\\(?:{_TEXT_NAMES})\s*\{{\s*[a-zA-Z][a-zA-Z .'-]*\}}\s*(?:\^\{{?[23]\}}?)?\.?\s*$")
 _NUMBER_BARE_WORDS = re.compile(rf"^\s*({_NUMBER})\s+([a-zA-Z]{{3,}}(?:[ -][a-zA-Z]{{3,}})*)\.?\s*$")
 _PERCENT_WORD = re.compile(
     r"(\d|\})\s*(?:\\(?:text|textnormal|mbox|mathrm)\s*\{\s*)?(?:percent(?:age)?|pct)\.?\s*\}?",
     re.IGNORECASE)
+_LIST_AND = re.compile(r"\s*(?:\\quad)?\s*\\(?:text|textnormal|mbox)\s*\{\s*and\s*\}\s*(?:\\quad)?\s*")
 # "1,000" (no space) is one number; "1, 000" is a list of two.
 _THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _SIMPLE_LHS = re.compile(r"^[a-zA-Z](?:_\{?[a-zA-Z0-9]+\}?)?(?:\([a-zA-Z]\))?$")
@@ -129,13 +130,16 @@ def normalize(answer: str) -> str:
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
     s = re.sub(r"\\(begin|end)\{bmatrix\}", r"\\\1{pmatrix}", s)
     s = s.replace("\\varnothing", "\\emptyset").replace("\\{\\}", "\\emptyset")
+    s = re.sub(r"(\d),\\!\s*(?=\d{3}(?!\d))", r"\1,", s)  # "11,\! 111": LaTeX thousands
     s = s.replace("\\!", "")
     s = _NOISE.sub(" ", s)
     s = _DEGREES.sub("", s)
+    s = _LIST_AND.sub(", ", s)  # "6 \\text{ and } 8" lists two answers, like "6, 8"
     s = _PERCENT_WORD.sub(r"\1", s)
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
     s = _strip_units(s.strip())
     s = s.replace("{,}", ",").strip().rstrip(".").strip()
+    s = re.sub(r"(?<!\\)\\+$", "", s).strip()  # a lone trailing backslash ("185\\") is noise
     if "=" in s and s.count("=") == 1:
         lhs, rhs = (p.strip() for p in s.split("="))
         if _SIMPLE_LHS.match(lhs) and rhs:

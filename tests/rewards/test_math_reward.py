@@ -33,6 +33,27 @@ def test_format_errors_have_reasons():
     assert grade_math("</think> \\boxed{2}", "1").reason.startswith("wrong_answer")
 
 
+@pytest.mark.parametrize("response,default,required", [
+    ("Let me think... so maybe \\boxed{42}", 1.0, 0.0),  # R1 template: cut off mid-thought
+    ("reasoning</think> \\boxed{42}", 1.0, 1.0),  # opening tag sat in the prompt
+    ("<think>r</think> \\boxed{42}", 1.0, 1.0),
+    ("<think>still going \\boxed{42}", 0.0, 0.0),
+    ("reasoning</think> \\boxed{41}", 0.0, 0.0),
+])
+def test_require_think_close(response, default, required):
+    assert grade_math(response, "42").score == default
+    grade = grade_math(response, "42", require_think_close=True)
+    assert grade.score == required
+    if "</think>" not in response:
+        assert grade.reason == "no_think_close"
+
+
+def test_compute_score_passes_require_think_close():
+    assert compute_score("maybe \\boxed{7}", "7") == 1.0
+    assert compute_score("maybe \\boxed{7}", "7", require_think_close=True) == 0.0
+    assert compute_score("done</think> \\boxed{7}", "7", require_think_close=True) == 1.0
+
+
 def test_last_boxed_nested_and_fbox():
     assert last_boxed("\\boxed{\\frac{a}{b^{2}}}") == "\\frac{a}{b^{2}}"
     assert last_boxed("\\boxed{1} then \\fbox{2}") == "2"
