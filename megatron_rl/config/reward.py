@@ -16,6 +16,12 @@ class RewardConfig:
     """Per-response wall-clock limit of the math grader; a timeout scores 0."""
     code_test_timeout_s: float = 6.0
     """Per-test wall-clock limit for code (LiveCodeBench uses 6 s)."""
+    require_think_close: bool = False
+    """Thinking models (the R1-Distill template opens `<think>` in the prompt): a response without
+    `</think>` is unfinished reasoning and scores 0, as DeepScaleR graded."""
+    length_finished_score: float | None = None
+    """Score of a sample cut by `rollout.max_new_tokens` (finish reason `length`) instead of its
+    grade; None grades it like any other (DeepScaleR: 0)."""
     max_failed_share: float = 0.25
     """A sample whose grader crashed or timed out (not the candidate's fault) is masked out of the
     loss and counted; when more than this share of a step's samples fail so, the grader or its

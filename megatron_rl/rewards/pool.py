@@ -43,12 +43,13 @@ class RewardPool:
 
     def __init__(self, num_workers: int = 2, max_queue: int = 64, *,
                  math_timeout_s: float = 10.0, code_timeout_s: float = 6.0,
-                 code_backend: str = "auto") -> None:
+                 code_backend: str = "auto", require_think_close: bool = False) -> None:
         if num_workers < 1 or max_queue < 1:
             raise ValueError("RewardPool needs num_workers >= 1 and max_queue >= 1")
         self.math_timeout_s = math_timeout_s
         self.code_timeout_s = code_timeout_s
         self.code_backend = code_backend
+        self.require_think_close = require_think_close
         self._queue: queue.Queue[tuple[RewardItem, Future[Grade]] | None] = queue.Queue(max_queue)
         self._workers = [WorkerProcess() for _ in range(num_workers)]
         self._threads = [threading.Thread(target=self._serve, args=(w,), daemon=True,
@@ -83,7 +84,8 @@ class RewardPool:
     def _call_args(self, item: RewardItem) -> tuple[tuple[Any, ...], dict[str, Any], float]:
         if item.kind == "math":
             inner = max(1, int(self.math_timeout_s // 4))
-            return (item.response, item.reference), {"timeout_s": inner}, self.math_timeout_s
+            kwargs = {"timeout_s": inner, "require_think_close": self.require_think_close}
+            return (item.response, item.reference), kwargs, self.math_timeout_s
         n_tests = _count_tests(item.reference)
         kwargs = {"timeout_s": self.code_timeout_s, "backend": self.code_backend}
         # The sandbox enforces per-test limits itself; this outer deadline only catches a

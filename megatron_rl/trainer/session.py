@@ -223,7 +223,8 @@ def _open_services(s: Session) -> None:
         s.client = RolloutClient.from_config(cfg.rollout, urls)
         s.pool = s.stack.enter_context(RewardPool(
             cfg.reward.num_workers, max_queue=max(64, 2 * cfg.reward.num_workers),
-            math_timeout_s=cfg.reward.timeout_s, code_timeout_s=cfg.reward.code_test_timeout_s))
+            math_timeout_s=cfg.reward.timeout_s, code_timeout_s=cfg.reward.code_test_timeout_s,
+            require_think_close=cfg.reward.require_think_close))
         return ",".join(urls)
 
     urls = on_rank0(start_services)

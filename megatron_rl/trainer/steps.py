@@ -30,7 +30,10 @@ def shape(cfg: RunConfig, samples: list[ScoredSample]) -> dict[str, float]:
     lengths = torch.tensor([len(s.response_ids) for s in samples])
     pen, metrics = algos.overlong_penalty(lengths, cfg.rollout.max_new_tokens, a.overlong_buffer_len, a.overlong_penalty)
     out = {k: float(v) for k, v in metrics.items()}
+    cut = cfg.reward.length_finished_score
     for s, p in zip(samples, pen.tolist()):
+        if cut is not None and s.finish_reason == "length" and not s.grader_failed:
+            s.score = float(cut)  # the recipe's rule for unfinished answers (DeepScaleR: 0)
         s.reward = s.score + p
         if s.grader_failed:
             s.trainable = False  # unknown grade: neither a wrong nor a right answer

@@ -100,3 +100,13 @@ def test_importing_rewards_loads_no_torch_or_sympy():
             "print(any(m in sys.modules for m in ('torch', 'sympy', 'math_verify')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_pool_passes_the_thinking_format_to_the_math_grader():
+    from megatron_rl.rewards import RewardItem, RewardPool
+
+    items = [RewardItem("math", "so \\boxed{2}", "2"), RewardItem("math", "hmm</think> \\boxed{2}", "2")]
+    with RewardPool(1, require_think_close=True) as pool:
+        assert pool.score_batch(items) == [0.0, 1.0]  # unfinished reasoning pays nothing
+    with RewardPool(1) as pool:
+        assert pool.score_batch(items) == [1.0, 1.0]

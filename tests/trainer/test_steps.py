@@ -130,3 +130,13 @@ def test_gate_fires_on_a_mismatch_and_passes_equal_logprobs():
     spike = mb.rollout_logp_BS.clone()
     spike[0, 2] += 1.3e-4
     check_gate(step_mismatch([spike], [mb]), dtype="float32", threshold=-1, step=0, version="step0")
+
+
+def test_length_finished_samples_score_as_the_recipe_says():
+    cfg = load_config(None, ["reward.length_finished_score=0.0", "rollout.max_new_tokens=4"])
+    s = [sample(0, 0, 2, 4, 1.0, finish="length"), sample(0, 1, 2, 2, 1.0)]
+    steps.shape(cfg, s)
+    assert [x.score for x in s] == [0.0, 1.0] and [x.reward for x in s] == [0.0, 1.0]
+    default = [sample(0, 0, 2, 4, 1.0, finish="length")]
+    steps.shape(load_config(None, ["rollout.max_new_tokens=4"]), default)
+    assert default[0].score == 1.0
