@@ -5,7 +5,9 @@
 Math: the graded test table (tests/rewards/math_cases.py: correct answers, traps and
 format errors), in this process and through RewardPool, each after a warm-up on other answers. Code: correct stdin/stdout
 solutions with 10 tests each (every test runs, the worst case for an all-pass reward),
-per sandbox backend, directly and through RewardPool. Prints a table and writes
+per sandbox backend, directly and through RewardPool, beside a baseline with no sandbox at
+all (one bare ``python3 -I`` subprocess per test, same comparison), measured in the same run
+so the sandbox's cost is read against this machine's load. Prints a table and writes
 benchmarks/results/bench_rewards.csv with a machine column.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +28,8 @@ from _machine import write_table  # noqa: E402  (the script's own folder is on s
 from math_cases import CASES  # noqa: E402  (the test table doubles as the workload)
 
 from megatron_rl.rewards import RewardItem, RewardPool  # noqa: E402
-from megatron_rl.rewards.code import grade_code  # noqa: E402
+from megatron_rl.rewards.code import extract_code, grade_code  # noqa: E402
+from megatron_rl.rewards.code_tests import stdout_matches  # noqa: E402
 from megatron_rl.rewards.math import grade_math  # noqa: E402
 from megatron_rl.rewards.sandbox_setup import detect  # noqa: E402
 
@@ -33,6 +37,17 @@ CSV_PATH = ROOT / "benchmarks" / "results" / "bench_rewards.csv"
 CODE = "```python\nimport sys\nnums = list(map(int, sys.stdin.read().split()))\nprint(sum(nums))\n```"
 
 
+def plain_subprocess_score(response: str, tests: dict[str, list[str]]) -> float:
+    """The floor the sandbox is measured against: one bare interpreter per test, no
+    isolation, no limits, stop at the first failure."""
+    source = extract_code(response) or ""
+    python = os.path.realpath(sys.executable)  # the sandbox's interpreter, not a pyenv shim
+    for inp, out in zip(tests["inputs"], tests["outputs"]):
+        proc = subprocess.run([python, "-I", "-c", source], input=inp, capture_output=True,
+                              text=True, timeout=6)
+        if not stdout_matches(proc.stdout, out):
+            return 0.0
+    return 1.0
 
 
 def code_tests(seed: int) -> dict[str, list[str]]:
@@ -50,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--code-responses", type=int, default=40)
+    ap.add_argument("--only", choices=["math", "code"], help="run one half of the benchmark")
     args = ap.parse_args()
     rows = []
 
@@ -58,6 +74,16 @@ def main() -> None:
                      "seconds": round(secs, 3), "responses_per_s": round(n / secs, 2),
                      "mean_score": round(sum(scores) / len(scores), 3)})
 
+    if args.only != "code":
+        bench_math(args, add)
+    if args.only != "math":
+        bench_code(args, add)
+    cols = ["benchmark", "mode", "workers", "responses", "seconds", "responses_per_s",
+            "mean_score"]
+    write_table(rows, cols, CSV_PATH, device_col="machine")
+
+
+def bench_math(args: argparse.Namespace, add: Callable[..., None]) -> None:
     math_items = [RewardItem("math", r, gt) for r, gt, _, _ in CASES]
     # Steady state, as in training: sympy/math-verify pay a one-off cost on first use, so an
     # untimed warm-up precedes each timing. It uses other strings than the table: those
@@ -74,7 +100,12 @@ def main() -> None:
         secs, scores = timed(lambda: pool.score_batch(math_items))
     add("math", "RewardPool", args.workers, len(math_items), secs, scores)
 
+
+def bench_code(args: argparse.Namespace, add: Callable[..., None]) -> None:
     n = args.code_responses
+    base = [RewardItem("code", CODE, code_tests(i)) for i in range(n)]
+    secs, scores = timed(lambda: [plain_subprocess_score(i.response, i.reference) for i in base])
+    add("code (10 stdin tests)", "plain subprocess, no sandbox (baseline)", 1, n, secs, scores)
     for backend in ("bwrap", "plain"):
         try:
             setup = detect(backend)
@@ -89,10 +120,6 @@ def main() -> None:
             pool.score_batch(items[:2])
             secs, scores = timed(lambda p=pool, its=items: p.score_batch(its))
         add("code (10 stdin tests)", f"{setup.backend} RewardPool", args.workers, n, secs, scores)
-
-    cols = ["benchmark", "mode", "workers", "responses", "seconds", "responses_per_s",
-            "mean_score"]
-    write_table(rows, cols, CSV_PATH, device_col="machine")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ The program is the last fenced Python block of the response (after ``</think>`` 
 response closes a think block). Tests run one at a time in a sandbox
 (``sandbox_setup``/``sandbox``) and grading stops at the first failure, so a wrong or
 looping program costs one test's timeout, not all of them. Only the parent compares
-outputs; the sandbox never sees the expected answers.
+outputs; the sandbox never sees the expected answers. Assert-based tests run here too
+(``code_asserts``): the sandbox only answers calls with plain data, so no verdict crosses
+from the candidate (docs/code_grader.md).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import re
 from typing import Any
 
+from megatron_rl.rewards.code_asserts import CandidateFailed, run_assert_test
 from megatron_rl.rewards.code_tests import TestSpec, parse_tests, stdout_matches, values_match
 from megatron_rl.rewards.grade import CORRECT, Grade, fail
 from megatron_rl.rewards.sandbox import SandboxRun
@@ -39,14 +42,24 @@ def extract_code(response: str) -> str | None:
 
 def _test_passes(spec: TestSpec, i: int, rec: dict[str, Any]) -> bool:
     if spec.mode == "stdio":
-        return stdout_matches(rec.get("stdout", ""), spec.expected[i])
-    if spec.mode == "call":
+        return stdout_matches(rec.get("stdout", ""), spec.expected[i], spec.float_tol)
+    try:
+        got = json.loads(rec.get("payload", ""))
+    except ValueError:
+        return False
+    return values_match(got, spec.expected[i], spec.float_tol, spec.taco_style)
+
+
+def _assert_tests(spec: TestSpec, run: SandboxRun, timeout_s: float) -> Grade:
+    assert spec.test_code is not None
+    for i, code in enumerate(spec.test_code):
         try:
-            got = json.loads(rec.get("payload", ""))
-        except ValueError:
-            return False
-        return values_match(got, spec.expected[i])
-    return rec.get("payload") == "pass"
+            run_assert_test(run, code, spec.entry_point, timeout_s)
+        except CandidateFailed as e:
+            return fail(f"{e}".split(":", 1)[0] + f": test {i}: {str(e).split(':', 1)[-1][-300:]}")
+        except Exception as e:  # the test's own assert (or an error it did not expect)
+            return fail(f"wrong_answer: test {i}: {type(e).__name__}: {str(e)[-200:]}")
+    return CORRECT
 
 
 def grade_code(
@@ -64,10 +77,12 @@ def grade_code(
     if source is None:
         return fail("no_code_block")
     setup = detect(backend)
+    # Neither expected values nor test code enter the job: the sandbox can read its files.
     job: dict[str, Any] = {"mode": spec.mode, "source": source, "inputs": spec.inputs,
-                           "timeout_s": float(timeout_s), "fn_name": spec.fn_name,
-                           "test_code": spec.test_code, "entry_point": spec.entry_point}
+                           "timeout_s": float(timeout_s), "fn_name": spec.fn_name}
     with SandboxRun(setup, job, limits or SandboxLimits()) as run:
+        if spec.mode == "assert":
+            return _assert_tests(spec, run, timeout_s)
         for i in range(len(spec)):
             rec = run.run_test(i, timeout_s)
             if rec is None:

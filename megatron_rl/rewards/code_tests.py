@@ -13,15 +13,22 @@ Three formats, told apart by their keys:
 
 ``tests`` may also be the JSON text of such a dict (datasets often store it that way).
 Output comparison follows LiveCodeBench's stdio grader (whole output stripped, then line by
-line, token by token, numbers compared as decimals so "0.50" equals "0.5") and additionally
-accepts floats within 1e-6 (absolute or relative), as Codeforces checkers do; integers
-must match exactly.
+line, token by token, numbers compared as exact decimals so "0.50" equals "0.5"). An
+expected integer token is matched only by an integer token of the same value ("1e+18" and
+"7.0" never pass for an integer). Two optional per-dataset keys of the test dict relax this,
+both off by default (LiveCodeBench semantics):
+
+* ``"float_tol": 1e-6`` -- non-integer expected numbers (and float return values) accept an
+  absolute or relative error up to this, as Codeforces checkers do;
+* ``"taco_style": true`` -- a call-based expected value ``[v]`` also accepts ``v`` (TACO
+  wraps return values in a one-element list).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -29,6 +36,8 @@ from typing import Any
 from megatron_rl.errors import DataError
 
 FLOAT_TOL = 1e-6
+"""A usual ``float_tol`` for datasets graded by Codeforces-style checkers (opt-in)."""
+_INT_TOKEN = re.compile(r"[+-]?[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,8 @@ class TestSpec:
     fn_name: str | None = None
     test_code: list[str] | None = None
     entry_point: str | None = None
+    float_tol: float | None = None
+    taco_style: bool = False
 
     def __len__(self) -> int:
         return len(self.test_code) if self.mode == "assert" and self.test_code else len(self.inputs)
@@ -56,6 +67,7 @@ def parse_tests(tests: dict[str, Any] | str) -> TestSpec:
                             "dict itself or its JSON text.") from e
     if not isinstance(tests, dict):
         raise DataError(f"code tests must be a dict, got {type(tests).__name__}.")
+    opts = _options(tests)
     if "test_code" in tests:
         code = tests["test_code"]
         codes = [code] if isinstance(code, str) else list(code)
@@ -71,8 +83,19 @@ def parse_tests(tests: dict[str, Any] | str) -> TestSpec:
     fn_name = tests.get("fn_name")
     if fn_name:
         return TestSpec("call", [_call_args(x) for x in inputs],
-                        [_json_or_raw(y) for y in outputs], fn_name=str(fn_name))
-    return TestSpec("stdio", [_as_text(x) for x in inputs], [_as_text(y) for y in outputs])
+                        [_json_or_raw(y) for y in outputs], fn_name=str(fn_name), **opts)
+    return TestSpec("stdio", [_as_text(x) for x in inputs], [_as_text(y) for y in outputs], **opts)
+
+
+def _options(tests: dict[str, Any]) -> dict[str, Any]:
+    tol = tests.get("float_tol")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float))
+                            or not 0 <= tol < 1):
+        raise DataError(f"code tests: 'float_tol' must be a number in [0, 1), got {tol!r}.")
+    taco = tests.get("taco_style", False)
+    if not isinstance(taco, bool):
+        raise DataError(f"code tests: 'taco_style' must be true or false, got {taco!r}.")
+    return {"float_tol": None if tol is None else float(tol), "taco_style": taco}
 
 
 def _as_text(x: Any) -> str:
@@ -100,8 +123,9 @@ def _json_or_raw(y: Any) -> Any:
     return y
 
 
-def stdout_matches(got: str, expected: str) -> bool:
-    """LiveCodeBench-style comparison of a program's output with the expected output."""
+def stdout_matches(got: str, expected: str, float_tol: float | None = None) -> bool:
+    """LiveCodeBench-style comparison of a program's output with the expected output;
+    ``float_tol`` (None: exact) applies to non-integer expected numbers only."""
     got_lines = _lines(got)
     exp_lines = _lines(expected)
     if len(got_lines) != len(exp_lines):
@@ -110,7 +134,8 @@ def stdout_matches(got: str, expected: str) -> bool:
         if g == e:
             continue
         g_tok, e_tok = g.split(), e.split()
-        if len(g_tok) != len(e_tok) or not all(map(_tokens_equal, g_tok, e_tok)):
+        if len(g_tok) != len(e_tok) or not all(
+                _tokens_equal(a, b, float_tol) for a, b in zip(g_tok, e_tok)):
             return False
     return True
 
@@ -119,9 +144,11 @@ def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.replace("\r\n", "\n").strip().split("\n")]
 
 
-def _tokens_equal(a: str, b: str) -> bool:
+def _tokens_equal(a: str, b: str, float_tol: float | None) -> bool:
     if a == b:
         return True
+    if _INT_TOKEN.fullmatch(b):  # an integer answer: only the same integer passes
+        return _INT_TOKEN.fullmatch(a) is not None and int(a) == int(b)
     try:
         da, db = Decimal(a), Decimal(b)
     except InvalidOperation:
@@ -130,34 +157,35 @@ def _tokens_equal(a: str, b: str) -> bool:
         return False
     if da == db:
         return True
-    # Tolerance only for float-looking tokens: two long integers differing in the last
-    # digit are different answers even though they are relatively close.
-    if _is_integer_token(a) and _is_integer_token(b):
+    if float_tol is None:
         return False
-    return abs(da - db) <= Decimal(FLOAT_TOL) * max(Decimal(1), abs(db))
+    return abs(da - db) <= Decimal(float_tol) * max(Decimal(1), abs(db))
 
 
-def _is_integer_token(t: str) -> bool:
-    return not any(c in t for c in ".eE")
-
-
-def values_match(got: Any, expected: Any) -> bool:
-    """Call-based comparison: equal values (tuples as lists), floats within FLOAT_TOL,
-    or TACO's one-element list around the expected value."""
-    if _values_equal(got, expected):
+def values_match(got: Any, expected: Any, float_tol: float | None = None,
+                 taco_style: bool = False) -> bool:
+    """Call-based comparison of JSON values (tuples arrive as lists): equal, or floats
+    within ``float_tol`` when set, or (``taco_style``) TACO's one-element list around the
+    expected value."""
+    if _values_equal(got, expected, float_tol):
         return True
-    return isinstance(expected, list) and len(expected) == 1 and _values_equal(got, expected[0])
+    return (taco_style and isinstance(expected, list) and len(expected) == 1
+            and _values_equal(got, expected[0], float_tol))
 
 
-def _values_equal(a: Any, b: Any) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
-            return math.isclose(a, b, rel_tol=FLOAT_TOL, abs_tol=FLOAT_TOL)
+def _values_equal(a: Any, b: Any, tol: float | None) -> bool:
+    if type(a) is float or type(b) is float:
+        if all(type(v) in (int, float) for v in (a, b)):
+            if type(b) is int:  # an integer answer: only that integer
+                return type(a) is int and a == b
+            if tol is None:
+                return a == b
+            return math.isclose(a, b, rel_tol=tol, abs_tol=tol)
         return False
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(map(_values_equal, a, b))
+        return len(a) == len(b) and all(_values_equal(x, y, tol) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_values_equal(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(_values_equal(a[k], b[k], tol) for k in a)
     if isinstance(a, bool) != isinstance(b, bool):
         return False  # LeetCode prints 1 and true differently
     return bool(a == b)

@@ -74,8 +74,9 @@ class SandboxRun:
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=self._work_dir,
             env=clean_env(home), start_new_session=True, close_fds=True)
 
-    def run_test(self, index: int, timeout_s: float) -> dict[str, Any] | None:
-        """Run test ``index``; the driver's record, or None if the driver died or hung.
+    def run_test(self, index: int | dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
+        """Run test ``index`` (or a call request ``{"call": name, "args": encoded}``); the
+        driver's record, or None if the driver died or hung.
 
         ``timeout_s`` is the test's own limit; the driver enforces it and this waits
         DRIVER_SLACK_S longer before declaring the driver lost.
@@ -83,7 +84,7 @@ class SandboxRun:
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
         try:
-            proc.stdin.write(f"{index}\n".encode())
+            proc.stdin.write((json.dumps(index) + "\n").encode())
             proc.stdin.flush()
         except (BrokenPipeError, OSError):
             return None
