@@ -20,7 +20,8 @@ def test_make_demo_trains_and_rl_raises_held_out_accuracy():
                                                            "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     proc = subprocess.run(["make", "demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    last = proc.stdout.strip().splitlines()[-1]
+    # Under `make test` the inner make adds "make[1]: Leaving directory ..." after the demo's output.
+    last = [ln for ln in proc.stdout.strip().splitlines() if not ln.startswith("make[")][-1]
     m = re.fullmatch(r"held-out accuracy: (\d\.\d\d) -> (\d\.\d\d)", last)
     assert m, last
     before, after = float(m.group(1)), float(m.group(2))
