@@ -102,7 +102,7 @@ def _jsonable(x):
         return {k: _jsonable(v) for k, v in x.items()}
     if x is None or t in (bool, int, float, str):
         return x
-    raise TypeError("return value of type %s is not plain data" % t.__name__)
+    raise TypeError(f"return value of type {t.__name__} is not plain data")
 
 
 def _encode(x):
@@ -116,7 +116,7 @@ def _encode(x):
         return {"__t": t.__name__, "v": [_encode(v) for v in x]}
     if t is dict:
         return {"__t": "dict", "v": [[_encode(k), _encode(v)] for k, v in x.items()]}
-    raise TypeError("value of type %s is not plain data" % t.__name__)
+    raise TypeError(f"value of type {t.__name__} is not plain data")
 
 
 def _decode(x):

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 from megatron_rl.rollout.servers import set_parent_death_signal
+from megatron_rl.weights.sync import free_port
 
 
 def in_launched_world() -> bool:
@@ -36,12 +36,6 @@ def adopt_slurm_env() -> None:
     env.setdefault("MASTER_PORT", "29500")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _workers(torchrun_pid: int) -> list[int]:
     """torchrun's own children: the trainer ranks (not their rollout servers or graders,
     which rank 0 stops itself once it has checkpointed)."""
@@ -56,7 +50,7 @@ def _workers(torchrun_pid: int) -> list[int]:
 def supervise(argv: list[str], nproc: int) -> int:
     """Run ``megatron-rl <argv>`` as ``nproc`` local trainer processes; returns their exit status."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-           f"--master-port={_free_port()}", "--master-addr=127.0.0.1", "-m", "megatron_rl", *argv]
+           f"--master-port={free_port()}", "--master-addr=127.0.0.1", "-m", "megatron_rl", *argv]
     proc = subprocess.Popen(cmd, preexec_fn=set_parent_death_signal)
 
     def forward(signum, frame):

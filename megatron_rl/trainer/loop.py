@@ -16,8 +16,6 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
-import torch
-
 from megatron_rl import algos
 from megatron_rl.config.run import RunConfig, to_dict
 from megatron_rl.errors import RolloutError, UserError
@@ -321,5 +319,3 @@ def train(cfg: RunConfig) -> int:
         s.close()
         Topology.destroy()
 
-
-__all__ = ["Trainer", "train", "torch"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,8 +31,9 @@ def sft_micro_batches(examples: list[tuple[list[int], list[int]]], *, dp: int, d
                       micro_batch_size: int, pad_multiple: int) -> tuple[list[MicroBatch], int]:
     """This DP rank's micro-batches of (input_ids, loss_mask) pairs; also its real token count."""
     lengths = [len(ids) for ids, _ in examples]
-    mine = dp_shares(lengths, dp)[dp_rank] or [0]  # an idle rank trains a fully masked row
-    idle = not dp_shares(lengths, dp)[dp_rank]
+    share = dp_shares(lengths, dp)[dp_rank]
+    idle = not share
+    mine = share or [0]  # an idle rank trains a fully masked row
     mbs = []
     for g in group_rows([lengths[i] for i in mine], max_tokens=max_tokens, micro_batch_size=micro_batch_size,
                         pad_multiple=pad_multiple):
@@ -85,7 +87,7 @@ def sft(cfg: RunConfig) -> int:
             from megatron_rl.data.template import load_tokenizer
             from megatron_rl.trainer.logger import RunLogger
 
-            out = __import__("pathlib").Path(cfg.logging.output_dir)
+            out = Path(cfg.logging.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(dump_config(cfg))
             data = SFTDataset.from_config(cfg.data, load_tokenizer(hf_dir), cfg.sft.max_len)
@@ -135,8 +137,6 @@ def sft(cfg: RunConfig) -> int:
         if cfg.train.num_steps > last_saved:
             save(cfg.train.num_steps)
         if cfg.checkpoint.export_hf:
-            from pathlib import Path
-
             export_hf_dir(actor.model[0], dims, topo, Path(cfg.logging.output_dir) / "hf", Path(hf_dir))
         if logger is not None:
             logger.close()
