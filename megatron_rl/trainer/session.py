@@ -92,9 +92,8 @@ class Session:
         if dead and self.cfg.rollout.sync_transport == "distributed":
             from megatron_rl.weights.actor_sync import connect_actor_sender
 
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
             self.sender = self.run(connect_actor_sender(self.topo, self.client if self.rank0 else None,
-                                                        backend=backend, group_name=f"megatron_rl_sync_{len(dead)}",
+                                                        backend=weight_sync_backend(self.cfg), group_name=f"megatron_rl_sync_{len(dead)}",
                                                         timeout_s=self.cfg.rollout.health_timeout_s))
         return bool(dead)
 
@@ -230,10 +229,15 @@ def _open_services(s: Session) -> None:
     urls = on_rank0(start_services)
     log.info("rollout servers: %s", urls) if s.rank0 else None
     if cfg.rollout.sync_transport == "distributed":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        s.sender = s.run(connect_actor_sender(s.topo, s.client if s.rank0 else None, backend=backend,
+        s.sender = s.run(connect_actor_sender(s.topo, s.client if s.rank0 else None, backend=weight_sync_backend(cfg),
                                               timeout_s=cfg.rollout.health_timeout_s))
     broadcast(None)
+
+
+def weight_sync_backend(cfg: RunConfig) -> str:
+    """The weight group's backend: NCCL between GPUs; gloo when the servers are embedded
+    engines, which hold their weights in CPU memory even on a GPU machine."""
+    return "nccl" if torch.cuda.is_available() and cfg.rollout.engine != "embedded" else "gloo"
 
 
 def cpu_threads(cfg: RunConfig) -> int:
