@@ -50,16 +50,16 @@ EOF
 command -v megatron-rl >/dev/null || note "megatron-rl console script missing from $BIN"
 
 # 1. Kernel tests, compiled (the conftest sets TRITON_INTERPRET only without CUDA).
-part kernels 150 python3 -m pytest tests/kernels -q -x -p no:cacheprovider
+part kernels 120 python3 -m pytest tests/kernels -q -x -p no:cacheprovider
 
 # 2. Kernel benchmark: Qwen2-1.5B output layer at 8K and 32K tokens, bf16, vs naive and Liger.
-part bench 120 python3 benchmarks/bench_linear_logprobs.py --tokens 8192 32768 \
+part bench 100 python3 benchmarks/bench_linear_logprobs.py --tokens 8192 32768 \
   --csv "$OUT/bench_linear_logprobs_gpu.csv"
 
 # 3. Actor log-probs on CUDA against Hugging Face (a random Qwen2-0.5B-shaped model).
-part parity 90 python3 tools/gpu_check.py parity --dir runs/gpu_check_parity
+part parity 80 python3 tools/gpu_check.py parity --dir runs/gpu_check_parity
 
 # 4. The job: SFT warm-up then GRPO with the actor on the GPU and an embedded server.
-part e2e 150 python3 tools/gpu_check.py e2e --dir runs/gpu_check_e2e
+part e2e 130 python3 tools/gpu_check.py e2e --dir runs/gpu_check_e2e
 cp runs/gpu_check_e2e/rl/metrics.jsonl "$OUT/e2e_metrics.jsonl" 2>/dev/null || true
 note "== done $(date -u +%FT%TZ)"
