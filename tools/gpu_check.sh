@@ -10,7 +10,7 @@
 #
 # Needs: python3 with a CUDA torch and triton (NGC containers, the device image), and the
 # wheels of what that image lacks in .whl/ (see docs/gpu_check.md for the download line).
-# Usage:  OUT=/some/dir tools/gpu_check.sh      (logs, CSV and summary.txt land in $OUT)
+# Usage:  OUT=/some/dir [PARTS="kernels e2e"] tools/gpu_check.sh      (logs, CSV and summary.txt land in $OUT)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
@@ -22,9 +22,11 @@ SUMMARY="$OUT/summary.txt"
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
 # part NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/NAME.log, one summary line.
+# PARTS="kernels parity" runs only those (a rerun after a fix); default: all four.
 part() {
   local name=$1 limit=$2 start rc
   shift 2
+  [[ " ${PARTS:-kernels bench parity e2e} " == *" $name "* ]] || return 0
   start=$(date +%s)
   timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
@@ -50,7 +52,7 @@ EOF
 command -v megatron-rl >/dev/null || note "megatron-rl console script missing from $BIN"
 
 # 1. Kernel tests, compiled (the conftest sets TRITON_INTERPRET only without CUDA).
-part kernels 120 python3 -m pytest tests/kernels -q -x -p no:cacheprovider
+part kernels 120 python3 -m pytest tests/kernels -q -p no:cacheprovider
 
 # 2. Kernel benchmark: Qwen2-1.5B output layer at 8K and 32K tokens, bf16, vs naive and Liger.
 part bench 100 python3 benchmarks/bench_linear_logprobs.py --tokens 8192 32768 \

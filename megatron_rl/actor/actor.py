@@ -100,6 +100,7 @@ class Actor:
         scale = float(len(mbs) * topo.dp)
         for mb in mbs:
             check_cp_length(mb.tokens_BS.shape[1], topo.cp)
+            mb.to_(topo.device)  # the trainer packs on the host; the model may be on a GPU
         if isinstance(loss_fn, TokenSeparableLoss) and topo.device.type == "cuda":
             # The same loss through its plain form (module docstring); it may need entropy.
             loss_fn, with_entropy = loss_fn.metrics, True

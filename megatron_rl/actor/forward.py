@@ -43,6 +43,15 @@ class MicroBatch:
     weight_BS: Tensor | None = None
     """Per-token importance weights from rollout correction (1 where none)."""
 
+    def to_(self, device: torch.device) -> MicroBatch:
+        """Move every tensor to ``device`` in place. In place, not a copy: the loss
+        functions store results on the caller's micro-batch (``train_logp_BS``), and callers
+        read them back from their own objects."""
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor) and value.device != device:
+                setattr(self, name, value.to(device))
+        return self
+
     @property
     def labels_BS(self) -> Tensor:
         return torch.cat([self.tokens_BS[:, 1:], torch.zeros_like(self.tokens_BS[:, :1])], dim=1)

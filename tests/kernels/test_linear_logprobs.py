@@ -192,18 +192,18 @@ def test_public_api_single_outputs(backend):
         triton_engine()  # interpreter check + skip without triton
     h = hidden.to(device_for(backend)).requires_grad_()
     w = weight.to(device_for(backend)).requires_grad_()
-    labels, g_lp, g_ent = labels.to(h.device), g_lp.to(h.device), g_ent.to(h.device)
+    # The reference runs on the host inputs; the kernel on the backend's device.
     ref = run_reference(hidden, weight, labels, 1.3, torch.zeros_like(g_lp), g_ent, torch.float64)
-    lp, ent = linear_logprobs(h, w, labels, temperature=1.3, backend=backend)
-    (ent * g_ent).sum().backward()  # entropy bonus only: log-prob output unused
+    lp, ent = linear_logprobs(h, w, labels.to(h.device), temperature=1.3, backend=backend)
+    (ent * g_ent.to(h.device)).sum().backward()  # entropy bonus only: log-prob output unused
     for name, g, r in zip(NAMES, (lp, ent, h.grad, w.grad), ref):
         assert rel_err(g.detach().cpu(), r) <= 1e-5, name
 
     ref = run_reference(hidden, weight, labels, 1.3, g_lp, torch.zeros_like(g_ent), torch.float64)
     h.grad = w.grad = None
-    lp, ent = linear_logprobs(h, w, labels, temperature=1.3, return_entropy=False, backend=backend)
+    lp, ent = linear_logprobs(h, w, labels.to(h.device), temperature=1.3, return_entropy=False, backend=backend)
     assert ent is None
-    (lp * g_lp).sum().backward()
+    (lp * g_lp.to(h.device)).sum().backward()
     for name, g, r in zip(
         ("logprobs", "dhidden", "dweight"), (lp, h.grad, w.grad), ref[::2] + ref[3:]
     ):
