@@ -170,7 +170,8 @@ def _split_size(n_tokens: int, vocab: int, device: torch.device, block_n: int, b
     if INTERPRET or device.type != "cuda":
         return block_v * 4  # several splits even on toy shapes, so tests cover the merge
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    splits = max(1, min(n_tiles, triton.cdiv(4 * sms, triton.cdiv(n_tokens, block_n))))
+    token_blocks = max(1, triton.cdiv(n_tokens, block_n))  # 0 tokens: one (empty) block, not a division by 0
+    splits = max(1, min(n_tiles, triton.cdiv(4 * sms, token_blocks)))
     return triton.cdiv(n_tiles, splits) * block_v
 
 

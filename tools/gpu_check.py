@@ -116,12 +116,12 @@ def e2e(run: Path) -> int:
     synthetic.write_arithmetic_parquet(data / "heldout.parquet", 64, seed=2, split="heldout", carry_frac=0.5)
     rel = run.relative_to(ROOT) if run.is_absolute() else run
     sft_s = sh("sft", "configs/tiny_sft.yaml", f"model.path={rel}/model", f"data.train_files=[{rel}/data/sft.parquet]",
-               "train.num_steps=300", "checkpoint.save_every=300", f"checkpoint.dir={rel}/sft/ckpt",
+               "train.num_steps=150", "checkpoint.save_every=150", f"checkpoint.dir={rel}/sft/ckpt",
                f"logging.output_dir={rel}/sft")
     rl_s = sh("train", "configs/tiny_cpu.yaml", f"model.path={rel}/sft/hf", f"data.train_files=[{rel}/data/train.parquet]",
-              f"eval.files=[{rel}/data/heldout.parquet]", "train.num_steps=12", "eval.every_steps=6",
-              "checkpoint.save_every=6", f"checkpoint.dir={rel}/rl/ckpt", f"logging.output_dir={rel}/rl")
-    print(f"sft 300 steps: {sft_s:.1f} s; train 12 steps: {rl_s:.1f} s (process start included)")
+              f"eval.files=[{rel}/data/heldout.parquet]", "train.num_steps=8", "eval.every_steps=4",
+              "checkpoint.save_every=4", f"checkpoint.dir={rel}/rl/ckpt", f"logging.output_dir={rel}/rl")
+    print(f"sft 150 steps: {sft_s:.1f} s; train 8 steps: {rl_s:.1f} s (process start included)")
     for line in (run / "rl" / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
         keys = ["step", "time/step", "time/generate", "time/train", "time/sync", "reward/mean",

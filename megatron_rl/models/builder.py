@@ -74,7 +74,7 @@ def build_transformer_config(dims: ModelDims, par: ParallelConfig, model_cfg: Mo
         # CPU: initialise the full master weight and split it, so TP=N equals TP=1 exactly.
         use_cpu_initialization=not on_gpu,
         # Fusions need apex/TE/CUDA kernels; the unfused paths are the same maths.
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and _fused_softmax_built(),
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
@@ -145,3 +145,12 @@ def build_gpt_stage(
         rope_scaling=dims.rope_scaling_factor is not None,
         rope_scaling_factor=dims.rope_scaling_factor or 8.0,
     )
+
+
+def _fused_softmax_built() -> bool:
+    """Megatron's fused masked softmax needs a compiled extension (apex / NGC containers);
+    without it megatron-core imports it anyway in 16-bit and fails (seen on an H200 with pip
+    wheels), so the fusion is asked for only where the extension is importable."""
+    import importlib.util
+
+    return importlib.util.find_spec("scaled_masked_softmax_cuda") is not None

@@ -18,6 +18,7 @@ import torch
 
 if not torch.cuda.is_available():  # the test sets it anyway; before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # gloo all-reduces CUDA tensors too
 
 import torch.distributed as dist  # noqa: E402
 
@@ -43,7 +44,7 @@ def main() -> None:
         torch.save(results, out)
         dist.destroy_process_group()
         return
-    hidden_NH, weight_VH, labels_N, g_lp_N, g_ent_N = tp_inputs(vocab_sizes[0])
+    hidden_NH, weight_VH, labels_N, g_lp_N, g_ent_N = (t.to(DEVICE) for t in tp_inputs(vocab_sizes[0]))
     h, w = _leaves(hidden_NH, weight_VH, rank, world)
     lp, ent = linear_logprobs(
         h,
@@ -55,7 +56,7 @@ def main() -> None:
         vocab_size=vocab_sizes[0],
     )
     (lp * g_lp_N + ent * g_ent_N).sum().backward()
-    torch.save((lp.detach(), ent.detach(), h.grad, w.grad), out)
+    torch.save(tuple(t.detach().cpu() for t in (lp, ent, h.grad, w.grad)), out)
     dist.destroy_process_group()
 
 

@@ -99,10 +99,12 @@ def _run_workers(tmp_path: Path, backend: str, vocab_arg: str) -> list:
     """Run _tp_worker.py as TP=2 (two processes) and TP=1 (a third); their saved results.
 
     TP=1 runs with the same environment as TP=2, so both sides use the same kernel path
-    (on a GPU machine too: TRITON_INTERPRET=1 keeps these tiny shapes on CPU).
+    (on a GPU machine the workers run the compiled kernels on the GPU, gloo between them).
     """
     worker = Path(__file__).with_name("_tp_worker.py")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")  # 3 processes, 2 cores
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # 3 processes, 2 cores
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"  # on a GPU the workers run the compiled kernels on it
     runs = [(2, 0), (2, 1), (1, 0)]  # (world, rank)
     ports = {2: _free_port(), 1: _free_port()}
     outs = [tmp_path / f"{backend}_tp{world}_rank{rank}.pt" for world, rank in runs]
