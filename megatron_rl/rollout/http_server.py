@@ -11,16 +11,25 @@ Endpoints and reply shapes: see ``megatron_rl.rollout.sglang_api`` and docs/embe
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
 import uuid
 from typing import Any
 
 from aiohttp import web
 
-from megatron_rl.rollout.engine import EmbeddedEngine, Job
-from megatron_rl.rollout.sampling import BadRequest, parse_sampling_params
+from megatron_rl.rollout.engine import EmbeddedEngine
+from megatron_rl.rollout.openai_api import add_openai_routes
+from megatron_rl.rollout.sampling import BadRequest
+from megatron_rl.rollout.server_info import load_v054, loads_v1, server_info_body
+from megatron_rl.rollout.serving import (
+    Submission,
+    engine_params,
+    generate_reply,
+    json_body,
+    submit,
+    wait_all,
+)
+from megatron_rl.rollout.streaming import stream_generate
 
 log = logging.getLogger(__name__)
 ENGINE_KEY: web.AppKey[EmbeddedEngine] = web.AppKey("engine", EmbeddedEngine)
@@ -44,20 +53,6 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
     except Exception as e:  # a bug: answer 500, keep the server alive
         log.exception("handler for %s failed", request.path)
         return error_response(f"{type(e).__name__}: {e}", 500)
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"The request body is not valid JSON: {e}.") from None
-    if body is None:
-        return {}
-    if not isinstance(body, dict):
-        raise BadRequest(f"The request body must be a JSON object, got {type(body).__name__}.")
-    return body
 
 
 def _per_prompt(value: Any, count: int, name: str, is_batch: bool) -> list[Any]:
@@ -92,64 +87,51 @@ def _prompts(body: dict[str, Any], engine: EmbeddedEngine) -> tuple[list[list[in
     return [ids], False
 
 
-def _reply(job: Job, engine: EmbeddedEngine) -> dict[str, Any]:
-    meta: dict[str, Any] = {
-        "id": job.rid,
-        "finish_reason": job.finish,
-        "prompt_tokens": len(job.prompt),
-        "completion_tokens": len(job.output_ids),
-        "cached_tokens": 0,
-        "weight_version": engine.weight_version,
-        "e2e_latency": time.perf_counter() - job.start,
-    }
-    if job.return_logprob:
-        meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(job.output_logprobs, job.output_ids)]
-        start = max(job.logprob_start_len, 0)
-        meta["input_token_logprobs"] = [
-            [lp, t, None] for lp, t in zip(job.input_logprobs, job.prompt[start:])
-        ] if job.logprob_start_len >= 0 else []
-    text = engine.tokenizer.decode(job.output_ids) if engine.tokenizer is not None else ""
-    return {"text": text, "output_ids": list(job.output_ids), "meta_info": meta}
+# Request fields with an effect the engine does not have: refused unless empty/false.
+_UNSUPPORTED = ("top_logprobs_num", "token_ids_logprob", "input_embeds", "image_data", "video_data",
+                "audio_data", "lora_path", "custom_logit_processor", "return_hidden_states",
+                "return_routed_experts", "session_params")
 
 
-async def generate(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE_KEY]
-    body = await _json_body(request)
-    if body.get("stream"):
-        raise BadRequest("stream=true is not supported by the embedded engine; send stream=false.")
-    for field_name in ("top_logprobs_num", "token_ids_logprob", "input_embeds", "image_data", "lora_path"):
+def _submissions(body: dict[str, Any], engine: EmbeddedEngine) -> tuple[list[Submission], bool]:
+    """The prompts of a /generate body as submissions, and whether it was a batch."""
+    for field_name in _UNSUPPORTED:
         value = body.get(field_name)
         if value not in (None, 0, [], False) and not (isinstance(value, list) and not any(value)):
             raise BadRequest(f"`{field_name}` is not supported by the embedded engine; use SGLang for it.")
     prompts, is_batch = _prompts(body, engine)
     count = len(prompts)
-    params = [parse_sampling_params(p, engine.vocab_size)
-              for p in _per_prompt(body.get("sampling_params"), count, "sampling_params", is_batch)]
+    raws = _per_prompt(body.get("sampling_params"), count, "sampling_params", is_batch)
     rid = body.get("rid")
     rids = _per_prompt(rid, count, "rid", is_batch) if isinstance(rid, list) or rid is None else (
         [rid] if count == 1 else [f"{rid}-{i}" for i in range(count)])
-    rids = [str(r) if r is not None else uuid.uuid4().hex for r in rids]
     want_lp = _per_prompt(body.get("return_logprob"), count, "return_logprob", is_batch)
     starts = _per_prompt(body.get("logprob_start_len"), count, "logprob_start_len", is_batch)
-    futures, owners = [], []
-    try:
-        for i, prompt in enumerate(prompts):
-            start = -1 if starts[i] is None else starts[i]
-            if not isinstance(start, int) or isinstance(start, bool):
-                raise BadRequest(f"logprob_start_len must be an integer, got {start!r}.")
-            got = engine.submit(prompt, params[i], rid=rids[i], return_logprob=bool(want_lp[i]),
-                                logprob_start_len=start)
-            futures += got
-            owners += [rids[i]] * len(got)
-        jobs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-    except (asyncio.CancelledError, BadRequest):
-        for r in set(owners):  # the client went away (or one prompt was bad): stop the rest
-            engine.abort(r, message="Aborted: client disconnected or request refused")
-        raise
-    replies = [_reply(job, engine) for job in jobs]
-    if not is_batch and params[0].n == 1:
-        return web.json_response(replies[0])
-    return web.json_response(replies)
+    subs = []
+    for i, prompt in enumerate(prompts):
+        start = -1 if starts[i] is None else starts[i]
+        if not isinstance(start, int) or isinstance(start, bool):
+            raise BadRequest(f"logprob_start_len must be an integer, got {start!r}.")
+        params, options = engine_params(raws[i], engine.vocab_size)
+        subs.append(Submission(prompt, params, options, str(rids[i]) if rids[i] is not None else uuid.uuid4().hex,
+                               bool(want_lp[i]), start))
+    return subs, is_batch
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE_KEY]
+    body = await json_body(request)
+    stream = body.get("stream")
+    if stream not in (None, True, False):
+        raise BadRequest(f"`stream` must be true or false, got {stream!r}.")
+    subs, is_batch = _submissions(body, engine)
+    queued = submit(engine, subs)
+    single = not is_batch and subs[0].params.n == 1
+    if stream:
+        return await stream_generate(request, engine, queued, indexed=not single)
+    jobs = await wait_all(engine, queued)
+    replies = [generate_reply(job, sub, engine) for job, (sub, _) in zip(jobs, queued)]
+    return web.json_response(replies[0] if single else replies)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -165,17 +147,22 @@ async def model_info(request: web.Request) -> web.Response:
 
 
 async def server_info(request: web.Request) -> web.Response:
-    from megatron_rl import __version__
-    from megatron_rl.rollout.sglang_api import SGLANG_VERSION_TESTED
+    return web.json_response(server_info_body(request.app[ENGINE_KEY], request.host))
 
-    engine = request.app[ENGINE_KEY]
-    return web.json_response({
-        "model_path": engine.model_path, "tp_size": 1, "engine": "megatron-rl-embedded",
-        "version": f"megatron-rl {__version__} (SGLang {SGLANG_VERSION_TESTED} API)",
-        "max_batch_size": engine.max_batch_size, "context_length": engine.context_len,
-        "vocab_size": engine.vocab_size, "weight_version": engine.weight_version,
-        "enable_deterministic_inference": engine.deterministic,  # SGLang's server-args name
-    })
+
+async def get_load(request: web.Request) -> web.Response:
+    return web.json_response(load_v054(request.app[ENGINE_KEY]))
+
+
+async def v1_loads(request: web.Request) -> web.Response:
+    include = request.query.get("include")
+    sections = [s.strip() for s in include.split(",")] if include else None
+    dp_rank = request.query.get("dp_rank")
+    if dp_rank not in (None, "0"):
+        raise BadRequest(f"dp_rank={dp_rank} does not exist: the embedded engine has one rank (0).")
+    if request.query.get("format", "json") != "json":
+        raise BadRequest("Only format=json is served by the embedded engine.")
+    return web.json_response(loads_v1(request.app[ENGINE_KEY], sections))
 
 
 async def weight_version(request: web.Request) -> web.Response:
@@ -188,7 +175,7 @@ async def flush_cache(request: web.Request) -> web.Response:
 
 
 async def pause_generation(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await json_body(request)
     request.app[ENGINE_KEY].pause(str(body.get("mode") or "abort"))
     return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
 
@@ -199,14 +186,14 @@ async def continue_generation(request: web.Request) -> web.Response:
 
 
 async def abort_request(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await json_body(request)
     request.app[ENGINE_KEY].abort(str(body.get("rid") or ""), abort_all=bool(body.get("abort_all")))
     return web.Response(status=200)
 
 
 async def memory_occupation(request: web.Request) -> web.Response:
     # CPU: nothing to give back to a colocated trainer; accepted so the same driver code runs.
-    await _json_body(request)
+    await json_body(request)
     return web.json_response(None)
 
 
@@ -233,19 +220,19 @@ async def _weights_reply(request: web.Request, body: dict[str, Any], load: Any, 
 
 
 async def update_from_disk(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await json_body(request)
     (path,) = _need(body, "model_path")
     return await _weights_reply(request, body, request.app[ENGINE_KEY].load_from_disk, str(path))
 
 
 async def update_from_tensor(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await json_body(request)
     (serialized,) = _need(body, "serialized_named_tensors")
     return await _weights_reply(request, body, request.app[ENGINE_KEY].load_serialized, serialized)
 
 
 async def update_from_distributed(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await json_body(request)
     names, dtypes, shapes = _need(body, "names", "dtypes", "shapes")
     group = str(body.get("group_name") or "weight_update_group")
     fmt = body.get("load_format")
@@ -257,7 +244,7 @@ async def update_from_distributed(request: web.Request) -> web.Response:
 
 
 async def init_group(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await json_body(request)
     addr, port, offset, world = _need(body, "master_address", "master_port", "rank_offset", "world_size")
     group = str(body.get("group_name") or "weight_update_group")
     backend = str(body.get("backend") or "nccl")
@@ -270,7 +257,7 @@ async def init_group(request: web.Request) -> web.Response:
 
 
 async def destroy_group(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await json_body(request)
     group = str(body.get("group_name") or "weight_update_group")
     try:
         await asyncio.to_thread(request.app[ENGINE_KEY].destroy_weight_group, group)
@@ -287,7 +274,8 @@ def build_app(engine: EmbeddedEngine, *, stop_engine_on_shutdown: bool = True) -
     routes = [
         (("GET", "POST"), "/health", health), (both, "/health_generate", health),
         (("GET",), "/get_model_info", model_info), (("GET",), "/get_server_info", server_info),
-        (("GET",), "/get_weight_version", weight_version),
+        (("GET",), "/get_weight_version", weight_version), (("GET",), "/get_load", get_load),
+        (("GET",), "/v1/loads", v1_loads),
         (("POST", "PUT"), "/generate", generate), (both, "/flush_cache", flush_cache),
         (("POST",), "/pause_generation", pause_generation), (("POST",), "/continue_generation", continue_generation),
         (("POST",), "/abort_request", abort_request),
@@ -300,6 +288,7 @@ def build_app(engine: EmbeddedEngine, *, stop_engine_on_shutdown: bool = True) -
     for methods, path, handler in routes:
         for method in methods:
             app.router.add_route(method, path, handler)
+    add_openai_routes(app, ENGINE_KEY)
     if stop_engine_on_shutdown:
         app.on_shutdown.append(_on_shutdown)
     return app

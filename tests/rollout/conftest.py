@@ -23,12 +23,42 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path):
+def _serving(model_dir: Path):
     from megatron_rl.rollout.engine import EmbeddedEngine
 
-    eng = EmbeddedEngine(str(tiny_model_dir), seed=0, batch_wait_s=0.002)
+    eng = EmbeddedEngine(str(model_dir), seed=0, batch_wait_s=0.002)
     try:
         yield eng
     finally:
         eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path):
+    yield from _serving(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2 over the real Qwen2 vocabulary, with its tokenizer (see qwen_tiny.py)."""
+    from qwen_tiny import make_qwen_tiny
+
+    path = tmp_path_factory.mktemp("qwen_tiny")
+    make_qwen_tiny(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def echo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The echo model of qwen_tiny.py: repeats its last token (Qwen2 vocabulary and tokenizer)."""
+    from qwen_tiny import make_echo_model
+
+    path = tmp_path_factory.mktemp("qwen_echo")
+    make_echo_model(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen_engine(qwen_model_dir: Path):
+    """An engine serving ``qwen_model_dir``."""
+    yield from _serving(qwen_model_dir)

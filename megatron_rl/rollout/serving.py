@@ -1,0 +1,121 @@
+"""What /generate and the OpenAI endpoints share: one prompt's submission and its reply dict.
+
+A ``Submission`` is one prompt as the engine takes it (token ids, validated sampling
+parameters, the text options of ``detokenize``, rid, log-prob fields); ``submit`` queues
+a list of them prompt-major (``p0s0, p0s1, p1s0, ...``, as SGLang orders ``n > 1``) and
+``wait_all`` awaits them, aborting every job when the client goes away or one is refused.
+``generate_reply`` is SGLang's native reply object for one finished job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from megatron_rl.rollout.detokenize import TextOptions, final_text, text_options
+from megatron_rl.rollout.engine import EmbeddedEngine, Job
+from megatron_rl.rollout.sampling import BadRequest, RequestParams, parse_sampling_params
+
+_NO_EFFECT = ("custom_params",)
+"""sampling_params fields accepted and dropped: without a custom logit processor they do nothing."""
+
+
+@dataclass
+class Submission:
+    """One prompt as submitted: its ``params.n`` jobs share everything here."""
+
+    prompt: list[int]
+    params: RequestParams
+    options: TextOptions
+    rid: str
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"The request body is not valid JSON: {e}.") from None
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise BadRequest(f"The request body must be a JSON object, got {type(body).__name__}.")
+    return body
+
+
+def engine_params(raw: Any, vocab_size: int) -> tuple[RequestParams, TextOptions]:
+    """A raw ``sampling_params`` object -> (engine parameters, text options); BadRequest names the field."""
+    if isinstance(raw, dict):
+        custom = raw.get("custom_params")
+        if custom is not None and not isinstance(custom, dict):
+            raise BadRequest(f"sampling_params.custom_params must be an object, got {type(custom).__name__}.")
+        raw_for_engine = {k: v for k, v in raw.items() if k not in _NO_EFFECT}
+    else:
+        raw_for_engine = raw
+    options = text_options(raw)
+    return parse_sampling_params(raw_for_engine, vocab_size), options
+
+
+def submit(engine: EmbeddedEngine, subs: list[Submission]) -> list[tuple[Submission, Future]]:
+    """Queue every submission's jobs; on a refusal abort what was queued and re-raise."""
+    queued: list[tuple[Submission, Future]] = []
+    try:
+        for sub in subs:
+            futures = engine.submit(sub.prompt, sub.params, rid=sub.rid, return_logprob=sub.return_logprob,
+                                    logprob_start_len=sub.logprob_start_len)
+            queued += [(sub, f) for f in futures]
+    except BadRequest:
+        abort_all(engine, subs, "Aborted: another prompt of the request was refused")
+        raise
+    return queued
+
+
+def abort_all(engine: EmbeddedEngine, subs: list[Submission], message: str) -> None:
+    for rid in {s.rid for s in subs}:
+        engine.abort(rid, message=message)
+
+
+async def wait_all(engine: EmbeddedEngine, queued: list[tuple[Submission, Future]]) -> list[Job]:
+    """The finished jobs, in order; a cancelled wait (client gone) aborts all of them."""
+    try:
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for _, f in queued)))
+    except asyncio.CancelledError:
+        abort_all(engine, [s for s, _ in queued], "Aborted: client disconnected")
+        raise
+
+
+def meta_info(job: Job, engine: EmbeddedEngine, *, finish: dict[str, Any] | None, count: int,
+              latency: bool) -> dict[str, Any]:
+    """SGLang's ``meta_info`` after ``count`` output tokens (log-probs cumulative, as SGLang sends them)."""
+    meta: dict[str, Any] = {
+        "id": job.rid, "finish_reason": finish, "prompt_tokens": len(job.prompt),
+        "weight_version": engine.weight_version,
+    }
+    if job.return_logprob:
+        start = max(job.logprob_start_len, 0)
+        meta["input_token_logprobs"] = [
+            [lp, t, None] for lp, t in zip(job.input_logprobs, job.prompt[start:])
+        ] if job.logprob_start_len >= 0 else []
+        meta["output_token_logprobs"] = [[lp, t, None] for lp, t in
+                                         zip(job.output_logprobs[:count], job.output_ids[:count])]
+    meta["completion_tokens"] = count
+    meta["cached_tokens"] = 0
+    if latency:
+        meta["e2e_latency"] = time.perf_counter() - job.start
+    return meta
+
+
+def generate_reply(job: Job, sub: Submission, engine: EmbeddedEngine) -> dict[str, Any]:
+    """SGLang's non-streamed reply for one finished job; ``output_ids`` untrimmed."""
+    text = final_text(engine.tokenizer, job.prompt, job.output_ids, job.finish, sub.options)
+    meta = meta_info(job, engine, finish=job.finish, count=len(job.output_ids), latency=True)
+    return {"text": text, "output_ids": list(job.output_ids), "meta_info": meta}
