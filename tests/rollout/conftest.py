@@ -62,3 +62,9 @@ def echo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def qwen_engine(qwen_model_dir: Path):
     """An engine serving ``qwen_model_dir``."""
     yield from _serving(qwen_model_dir)
+
+
+@pytest.fixture(scope="module")
+def echo_engine(echo_model_dir: Path):
+    """An engine serving the echo model."""
+    yield from _serving(echo_model_dir)

@@ -2,33 +2,12 @@
 
 import asyncio
 
-import aiohttp
 import pytest
 import torch
-from aiohttp.test_utils import TestServer
+from http_helpers import post, serve
 
 from megatron_rl.rollout.client import RolloutClient
-from megatron_rl.rollout.http_server import build_app
 from megatron_rl.rollout.types import RolloutRequest, SamplingParams
-
-
-def serve(engine, body):
-    """Run ``body(session, base_url)`` against the engine's app on a free local port."""
-    async def main():
-        server = TestServer(build_app(engine, stop_engine_on_shutdown=False), host="127.0.0.1")
-        await server.start_server()
-        try:
-            async with aiohttp.ClientSession() as session:
-                return await body(session, str(server.make_url("")).rstrip("/"))
-        finally:
-            await server.close()
-    return asyncio.run(main())
-
-
-async def post(session, url, body, raw=None):
-    kwargs = {"data": raw} if raw is not None else {"json": body}
-    async with session.post(url, **kwargs) as resp:
-        return resp.status, await resp.json(content_type=None)
 
 
 def test_generate_reply_has_sglang_shape(engine):

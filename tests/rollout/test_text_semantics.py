@@ -7,11 +7,8 @@ where a matched stop string starts, ``output_ids`` keep everything. Unit cases u
 Qwen2 BPE; HTTP cases use the echo model (it repeats its last prompt token).
 """
 
-import asyncio
-
-import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
+from http_helpers import post, serve
 from qwen_tiny import EOS, qwen_tokenizer
 
 from megatron_rl.rollout.detokenize import (
@@ -20,7 +17,6 @@ from megatron_rl.rollout.detokenize import (
     final_text,
     trim_matched_stop,
 )
-from megatron_rl.rollout.http_server import build_app
 
 
 @pytest.fixture(scope="module")
@@ -76,28 +72,9 @@ def test_stream_holds_back_a_possible_stop_prefix(tok):
 
 
 def _generate(engine, bodies):
-    async def main():
-        server = TestServer(build_app(engine, stop_engine_on_shutdown=False), host="127.0.0.1")
-        await server.start_server()
-        try:
-            async with aiohttp.ClientSession() as session:
-                out = []
-                for body in bodies:
-                    async with session.post(str(server.make_url("/generate")), json=body) as resp:
-                        out.append((resp.status, await resp.json()))
-                return out
-        finally:
-            await server.close()
-    return asyncio.run(main())
-
-
-@pytest.fixture(scope="module")
-def echo_engine(echo_model_dir):
-    from megatron_rl.rollout.engine import EmbeddedEngine
-
-    eng = EmbeddedEngine(str(echo_model_dir), seed=0, batch_wait_s=0.002)
-    yield eng
-    eng.shutdown()
+    async def body(session, base):
+        return [await post(session, base + "/generate", b) for b in bodies]
+    return serve(engine, body)
 
 
 def test_http_text_rules_on_eos_stop_tokens_and_stop_strings(echo_engine, tok):
