@@ -172,7 +172,7 @@ def _split_size(n_tokens: int, vocab: int, device: torch.device, block_n: int, b
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     token_blocks = max(1, triton.cdiv(n_tokens, block_n))  # 0 tokens: one (empty) block, not a division by 0
     splits = max(1, min(n_tiles, triton.cdiv(4 * sms, token_blocks)))
-    return triton.cdiv(n_tiles, splits) * block_v
+    return max(1, triton.cdiv(n_tiles, splits)) * block_v  # an all-padding TP shard has 0 tiles
 
 
 def _dlogits_chunk(hidden: int, vocab: int) -> int:

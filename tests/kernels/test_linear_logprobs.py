@@ -256,3 +256,18 @@ def test_cpu_use_never_imports_triton():
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("n_tokens, vocab", [(0, 151936), (8192, 0), (0, 0), (29, 515)])
+def test_gpu_split_heuristic_never_divides_by_zero(monkeypatch, n_tokens, vocab):
+    """The CUDA branch of the split heuristic, run here with a stub device (found on an H200:
+    0 tokens, and a TP shard that is all vocabulary padding, divided by zero)."""
+    from types import SimpleNamespace
+
+    from megatron_rl.kernels import linear_logprobs_triton as lt
+
+    monkeypatch.setattr(lt, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(multi_processor_count=132))
+    split = lt._split_size(n_tokens, vocab, torch.device("cuda"), 128, 128)
+    assert split >= 128 and split % 128 == 0
+    assert split >= vocab or -(-vocab // split) <= -(-vocab // 128)
