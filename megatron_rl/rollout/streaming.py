@@ -37,12 +37,51 @@ log = logging.getLogger(__name__)
 POLL_S = 0.005  # polling period of JobFeed when the engine has no per-token hook
 
 
+class _Ticker:
+    """One wake-up every ``POLL_S`` for all the feeds of an event loop, while any waits.
+
+    The fallback when the engine has no per-token hook: polling costs one timer per loop,
+    not one per streamed job.
+    """
+
+    _by_loop: dict[asyncio.AbstractEventLoop, _Ticker] = {}
+
+    def __init__(self) -> None:
+        self.tick = asyncio.Event()
+        self.waiting = 0
+        self.task: asyncio.Task | None = None
+
+    @classmethod
+    def of_running_loop(cls) -> _Ticker:
+        loop = asyncio.get_running_loop()
+        for old in [lp for lp in cls._by_loop if lp.is_closed()]:
+            del cls._by_loop[old]
+        return cls._by_loop.setdefault(loop, cls())
+
+    async def _run(self) -> None:
+        while self.waiting:
+            await asyncio.sleep(POLL_S)
+            self.tick.set()
+            self.tick = asyncio.Event()
+        self.task = None
+
+    async def wait(self) -> None:
+        self.waiting += 1
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+        try:
+            await self.tick.wait()
+        finally:
+            self.waiting -= 1
+
+
 class JobFeed:
     """Waits for new tokens of one job, from inside the event loop."""
 
     def __init__(self, engine: EmbeddedEngine, future: Future):
         self.engine, self.future = engine, future
         self.job: Job | None = None
+        self.ticker = _Ticker.of_running_loop()
 
     def _find(self) -> Job | None:
         if self.future.done():
@@ -67,7 +106,7 @@ class JobFeed:
                 if self.future.done():
                     self.future.result()
                 return self.job
-            await asyncio.sleep(POLL_S)
+            await self.ticker.wait()
 
 
 async def job_chunks(engine: EmbeddedEngine, future: Future, sub: Submission) -> AsyncIterator[dict[str, Any]]:
