@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -26,6 +25,7 @@ from megatron_rl.rollout.serving import (
     engine_params,
     generate_reply,
     json_body,
+    request_ids,
     submit,
     wait_all,
 )
@@ -102,9 +102,7 @@ def _submissions(body: dict[str, Any], engine: EmbeddedEngine) -> tuple[list[Sub
     prompts, is_batch = _prompts(body, engine)
     count = len(prompts)
     raws = _per_prompt(body.get("sampling_params"), count, "sampling_params", is_batch)
-    rid = body.get("rid")
-    rids = _per_prompt(rid, count, "rid", is_batch) if isinstance(rid, list) or rid is None else (
-        [rid] if count == 1 else [f"{rid}-{i}" for i in range(count)])
+    rids = request_ids(body.get("rid"), count)
     want_lp = _per_prompt(body.get("return_logprob"), count, "return_logprob", is_batch)
     starts = _per_prompt(body.get("logprob_start_len"), count, "logprob_start_len", is_batch)
     subs = []
@@ -113,8 +111,7 @@ def _submissions(body: dict[str, Any], engine: EmbeddedEngine) -> tuple[list[Sub
         if not isinstance(start, int) or isinstance(start, bool):
             raise BadRequest(f"logprob_start_len must be an integer, got {start!r}.")
         params, options = engine_params(raws[i], engine.vocab_size)
-        subs.append(Submission(prompt, params, options, str(rids[i]) if rids[i] is not None else uuid.uuid4().hex,
-                               bool(want_lp[i]), start))
+        subs.append(Submission(prompt, params, options, rids[i], bool(want_lp[i]), start))
     return subs, is_batch
 
 

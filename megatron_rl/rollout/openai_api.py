@@ -36,6 +36,7 @@ from megatron_rl.rollout.serving import (
     abort_all,
     engine_params,
     json_body,
+    request_ids,
     submit,
     wait_all,
 )
@@ -127,22 +128,10 @@ def completion_submissions(body: dict[str, Any], engine: EmbeddedEngine) -> tupl
     echo = bool_field(body, "echo")
     raw = _sampling(body, {}, _positive_int(body, "max_tokens") or 16)
     params, options = engine_params(raw, engine.vocab_size)
-    rid = body.get("rid")
-    subs = [Submission(p, params, options, _rid(rid, i, len(ids)), logprobs is not None,
-                       0 if echo and logprobs is not None else -1) for i, p in enumerate(ids)]
+    rids = request_ids(body.get("rid"), len(ids))
+    subs = [Submission(p, params, options, rid, logprobs is not None, 0 if echo and logprobs is not None else -1)
+            for p, rid in zip(ids, rids)]
     return subs, echoes if echo else []
-
-
-def _rid(rid: Any, i: int, count: int) -> str:
-    if isinstance(rid, list):
-        if len(rid) != count:
-            raise BadRequest(f"`rid` has {len(rid)} entries for {count} prompts.")
-        return str(rid[i])
-    if rid is None:
-        import uuid
-
-        return uuid.uuid4().hex
-    return str(rid) if count == 1 else f"{rid}-{i}"
 
 
 # ------------------------------------------------------------------- /v1/chat/completions
@@ -226,7 +215,7 @@ def chat_submission(body: dict[str, Any], engine: EmbeddedEngine) -> Submission:
                          f"({engine.context_len} tokens).")
     raw = _sampling(body, chat_defaults(engine.model_path), limit or engine.context_len - len(prompt) - 1)
     params, options = engine_params(raw, engine.vocab_size)
-    return Submission(prompt, params, options, _rid(body.get("rid"), 0, 1), bool_field(body, "logprobs"), -1)
+    return Submission(prompt, params, options, request_ids(body.get("rid"), 1)[0], bool_field(body, "logprobs"), -1)
 
 
 # --------------------------------------------------------------------------- handlers

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,17 @@ def engine_params(raw: Any, vocab_size: int) -> tuple[RequestParams, TextOptions
         raw_for_engine = raw
     options = text_options(raw)
     return parse_sampling_params(raw_for_engine, vocab_size), options
+
+
+def request_ids(rid: Any, count: int) -> list[str]:
+    """SGLang's ``rid`` for ``count`` prompts: one per prompt, or one shared (``rid-i``), or fresh uuids."""
+    if isinstance(rid, list):
+        if len(rid) != count:
+            raise BadRequest(f"rid has {len(rid)} entries for {count} prompts.")
+        return [str(r) if r is not None else uuid.uuid4().hex for r in rid]
+    if rid is None:
+        return [uuid.uuid4().hex for _ in range(count)]
+    return [str(rid)] if count == 1 else [f"{rid}-{i}" for i in range(count)]
 
 
 def submit(engine: EmbeddedEngine, subs: list[Submission]) -> list[tuple[Submission, Future]]:
