@@ -11,7 +11,8 @@ Public API
     call-based and assert-based tests; run in a sandbox).
 ``RewardPool(num_workers, max_queue)`` with ``score_batch(items) -> list[float]`` and
     ``grade_batch(items) -> list[Grade]`` over ``RewardItem(kind, response, reference)``:
-    concurrent, bounded queue, results in input order, failures logged and scored 0.0.
+    concurrent, bounded queue, results in input order; a grader's own failure is logged,
+    scored 0.0 and marked ``Grade.grader_failed`` (unknown, for the trainer to mask).
 ``Grade(score, reason)``: what graders return when the reason matters.
 ``sandbox_protections(backend="auto")``: which sandbox protections hold on this machine.
 

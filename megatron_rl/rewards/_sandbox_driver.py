@@ -1,9 +1,11 @@
 """In-sandbox test driver: a standalone script (stdlib only; it is copied into the sandbox).
 
-Run as ``python -I driver.py job.json``. It first drops to the throw-away uid (when given)
-and sets resource limits, then reads one test index per line on stdin and answers one JSON
-line per test on stdout: ``{"i", "status", "stdout", "payload", "detail"}`` where status is
-done / error / timeout / output_limit / crashed. Each test runs in a fresh fork: stdin
+Run as ``python -I driver.py job.json``. It first drops to the throw-away uid (when given),
+sets resource limits and makes itself undumpable, then announces ``{"ready": true}`` (the
+parent counts a driver that never says so as a sandbox that failed to start, a grader
+failure), then reads one test index per line on stdin and answers one JSON line per test on
+stdout: ``{"i", "status", "stdout", "payload", "detail"}`` where status is done / error /
+timeout / output_limit / crashed, or driver_error when the driver itself failed. Each test runs in a fresh fork: stdin
 from a memfd holding the input, stdout into a capped pipe, a per-test CPU limit, and a
 wall-clock kill. After each test every process the code left behind is killed.
 
@@ -90,6 +92,19 @@ def _become_subreaper():
         pass
 
 
+def _set_dumpable(flag):
+    # PR_SET_DUMPABLE (4). Undumpable, the driver's /proc/<pid>/mem, environ and fd/ are out
+    # of reach of the code it runs under the same uid, so the code can neither read it nor
+    # write into its reply pipe. Each test child turns it back on for itself (fork inherits
+    # it), so the code sees an ordinary process.
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, flag, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _jsonable(x):
     # Exact built-in types only: a subclass (an int whose __eq__ is always true) or any
     # other object is refused rather than sent by a representation the code controls.
@@ -158,6 +173,7 @@ def _run_code(job, i):
 
 def _child(job, i, out_w, st_w):
     os.setpgid(0, 0)
+    _set_dumpable(1)
     null = os.open(os.devnull, os.O_RDWR)
     if job["mode"] == "stdio" and not isinstance(i, dict):
         data = job["inputs"][i].encode("utf-8")
@@ -266,8 +282,16 @@ def main():
         job = json.load(f)
     _harden(job)
     _become_subreaper()
+    _set_dumpable(0)
+    sys.stdout.write('{"ready": true}\n')
+    sys.stdout.flush()
     for line in sys.stdin:
-        rec = _run_test(job, json.loads(line))
+        request = json.loads(line)
+        try:
+            rec = _run_test(job, request)
+        except Exception:  # the driver's own fault: the parent reports a grader failure
+            rec = {"i": request, "status": "driver_error", "stdout": "", "payload": "",
+                   "detail": traceback.format_exc(limit=-3)[-2000:]}
         sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
         sys.stdout.flush()
     _kill_leftovers(job, 0)

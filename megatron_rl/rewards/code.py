@@ -7,6 +7,10 @@ looping program costs one test's timeout, not all of them. Only the parent compa
 outputs; the sandbox never sees the expected answers. Assert-based tests run here too
 (``code_asserts``): the sandbox only answers calls with plain data, so no verdict crosses
 from the candidate (docs/code_grader.md).
+
+A sandbox that does not start, or whose driver reports its own failure, gives a
+``grader_error`` grade (unknown, masked by the trainer); anything the candidate's code does,
+killing or stopping the driver included, gives an ordinary 0.0.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ import logging
 import re
 from typing import Any
 
-from megatron_rl.rewards.code_asserts import CandidateFailed, run_assert_test
+from megatron_rl.rewards.code_asserts import CandidateFailed, DriverFailed, run_assert_test
 from megatron_rl.rewards.code_tests import TestSpec, parse_tests, stdout_matches, values_match
-from megatron_rl.rewards.grade import CORRECT, Grade, fail
-from megatron_rl.rewards.sandbox import SandboxRun
+from megatron_rl.rewards.grade import CORRECT, Grade, fail, grader_error
+from megatron_rl.rewards.sandbox import SandboxRun, SandboxStartError
 from megatron_rl.rewards.sandbox_setup import SandboxLimits, detect
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,8 @@ def _assert_tests(spec: TestSpec, run: SandboxRun, timeout_s: float) -> Grade:
             run_assert_test(run, code, spec.entry_point, timeout_s)
         except CandidateFailed as e:
             return fail(f"{e}".split(":", 1)[0] + f": test {i}: {str(e).split(':', 1)[-1][-300:]}")
+        except DriverFailed as e:
+            return grader_error(f"sandbox driver failed on test {i}: {e}")
         except Exception as e:  # the test's own assert (or an error it did not expect)
             return fail(f"wrong_answer: test {i}: {type(e).__name__}: {str(e)[-200:]}")
     return CORRECT
@@ -80,14 +86,18 @@ def grade_code(
     # Neither expected values nor test code enter the job: the sandbox can read its files.
     job: dict[str, Any] = {"mode": spec.mode, "source": source, "inputs": spec.inputs,
                            "timeout_s": float(timeout_s), "fn_name": spec.fn_name}
-    with SandboxRun(setup, job, limits or SandboxLimits()) as run:
+    try:
+        run = SandboxRun(setup, job, limits or SandboxLimits())
+    except SandboxStartError as e:
+        return grader_error(str(e))
+    with run:
         if spec.mode == "assert":
             return _assert_tests(spec, run, timeout_s)
         for i in range(len(spec)):
             rec = run.run_test(i, timeout_s)
-            if rec is None:
-                return fail(f"sandbox_lost: test {i} (the driver died or hung)")
             status = rec.get("status")
+            if status == "driver_error":
+                return grader_error(f"sandbox driver failed on test {i}: {rec.get('detail', '')[-300:]}")
             if status == "error":
                 return fail(f"runtime_error: test {i}: {rec.get('detail', '')[-300:]}")
             if status != "done":

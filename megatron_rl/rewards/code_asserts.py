@@ -28,6 +28,10 @@ class CandidateFailed(BaseException):
     A BaseException so that test code catching ``Exception`` cannot turn it into a pass."""
 
 
+class DriverFailed(BaseException):
+    """The sandbox driver reported its own failure: a grader failure, not the candidate's."""
+
+
 def encode(x: Any) -> Any:
     """Arguments to the sandbox, in the driver's tagged format; TypeError for non-data."""
     t = type(x)
@@ -73,9 +77,9 @@ class _Remote:
             raise TypeError("keyword arguments to the candidate are not supported")
         request = {"call": self._name, "args": encode(list(args))}
         rec = self._run.run_test(request, self._timeout_s)
-        if rec is None:
-            raise CandidateFailed("sandbox_lost: the driver died or hung")
         status = rec.get("status")
+        if status == "driver_error":
+            raise DriverFailed(rec.get("detail", "")[-300:])
         if status == "error":
             _reraise(rec.get("detail", ""))
         if status != "done":
@@ -114,7 +118,8 @@ class _SolutionModule(types.ModuleType):
 def run_assert_test(run: SandboxRun, test_code: str, entry_point: str | None,
                     timeout_s: float) -> None:
     """Run one assert test; returns on a pass, raises AssertionError (or any exception of
-    the test) on a failure and CandidateFailed when the candidate returned no value."""
+    the test) on a failure, CandidateFailed when the candidate returned no value and
+    DriverFailed when the sandbox itself failed."""
     module = _SolutionModule(run, timeout_s)
     ns: dict[str, Any] = {"__name__": "__tests__", "__builtins__": builtins}
     if entry_point:

@@ -5,7 +5,9 @@ items from a queue of at most ``max_queue`` entries, so a producer that submits 
 than the graders finish blocks instead of piling up work. Math items are graded inside the
 worker; code items start their sandbox from the worker, so the trainer process only
 waits on pipes. Each item has a hard deadline after which its worker is killed and
-replaced; any failure (timeout, crash, malformed tests) becomes a 0.0 with a logged reason.
+replaced. A failure of the grader itself (worker timeout or crash, a sandbox that did not
+start, malformed tests) becomes a ``grader_error`` Grade (``Grade.grader_failed``): score
+0.0 with a logged reason, which trainers mask instead of reading it as a wrong answer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_rl.rewards.grade import Grade, fail
+from megatron_rl.rewards.grade import Grade, grader_error
 from megatron_rl.rewards.worker import WorkerProcess
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class RewardPool:
         """Grades in the order of ``items``; a failure reason is logged once per batch."""
         futures = [self.submit(item) for item in items]
         grades = [f.result() for f in futures]
-        errors = Counter(g.tag for g in grades if g.tag in ("grader_error", "sandbox_lost"))
+        errors = Counter(g.reason.split(":", 2)[1].strip() for g in grades if g.grader_failed)
         if errors:
             logger.warning("reward batch: %d of %d items failed to grade (%s)",
                            sum(errors.values()), len(grades), dict(errors))
@@ -94,12 +96,12 @@ class RewardPool:
 
     def _grade(self, worker: WorkerProcess, item: RewardItem) -> Grade:
         if item.kind not in _TARGETS:
-            return fail(f"grader_error: unknown reward kind {item.kind!r}")
+            return grader_error(f"unknown reward kind {item.kind!r}")
         args, kwargs, deadline = self._call_args(item)
         ok, value = worker.call(_TARGETS[item.kind], args, kwargs, deadline)
         if not ok:
-            logger.warning("%s grader failed, reward 0: %s", item.kind, value)
-            return fail(f"grader_error: {value}")
+            logger.warning("%s grader failed (grade unknown): %s", item.kind, value)
+            return grader_error(value)
         return value
 
     def _serve(self, worker: WorkerProcess) -> None:
@@ -111,9 +113,9 @@ class RewardPool:
             item, fut = job
             try:
                 fut.set_result(self._grade(worker, item))
-            except Exception as e:  # never lose an item: a bug here is still a 0.0
+            except Exception as e:  # never lose an item: a bug here is a grader failure
                 logger.exception("reward pool: unexpected error")
-                fut.set_result(fail(f"grader_error: {type(e).__name__}: {e}"))
+                fut.set_result(grader_error(f"{type(e).__name__}: {e}"))
 
     def close(self) -> None:
         """Finish queued items, then stop the worker processes."""

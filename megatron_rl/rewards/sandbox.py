@@ -5,6 +5,13 @@ answers: the driver only returns what each test printed or returned, and the cal
 compares. Tests are requested one by one, so a caller that needs every test to pass stops
 at the first failure instead of paying every timeout.
 
+Failures are told apart by who caused them. A driver that never announces itself (bwrap
+missing or broken, an interpreter that does not exist, a driver that cannot run) raises
+``SandboxStartError`` before any untrusted code runs: the grader's fault. Once the driver
+is up, only the candidate's code runs beside it, so a driver that dies or stops answering
+during a test is reported as ``driver_lost``, the candidate's fault (it can signal the driver,
+which shares its uid). A driver that catches its own bug answers ``driver_error``.
+
 Teardown is unconditional: close the driver's stdin, then SIGKILL the whole process group
 (under bwrap the PID namespace dies with it), then, when the code ran as a throw-away uid,
 kill every process that uid still owns, then delete the directory.
@@ -35,6 +42,12 @@ logger = logging.getLogger(__name__)
 _DRIVER_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_driver.py")
 # Slack on top of a test's own timeout before the parent gives up on the driver itself.
 DRIVER_SLACK_S = 1.5
+# How long the driver may take to start (interpreter start-up, bwrap's mounts) on a loaded host.
+STARTUP_TIMEOUT_S = 20.0
+
+
+class SandboxStartError(RuntimeError):
+    """The sandbox did not start: a grader failure, not the candidate's."""
 
 
 class SandboxRun:
@@ -69,33 +82,48 @@ class SandboxRun:
         if self._uid is not None:
             os.chown(self._work_dir, self._uid, self._uid)
         home = "/tmp" if self.setup.backend == "bwrap" else self._work_dir
-        self._proc = subprocess.Popen(
-            self.setup.command(self._job_dir, self._limits), stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=self._work_dir,
-            env=clean_env(home), start_new_session=True, close_fds=True)
+        err_path = os.path.join(self._job_dir, "driver.err")  # bwrap's or Python's complaint
+        try:
+            with open(err_path, "wb") as err:
+                self._proc = subprocess.Popen(
+                    self.setup.command(self._job_dir, self._limits), stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=err, cwd=self._work_dir,
+                    env=clean_env(home), start_new_session=True, close_fds=True)
+        except OSError as e:
+            raise SandboxStartError(f"{self.setup.backend} sandbox could not be started: {e}") from e
+        assert self._proc.stdout is not None
+        line = self._read_line(self._proc.stdout.fileno(), time.monotonic() + STARTUP_TIMEOUT_S)
+        if line is None or line.strip() != b'{"ready": true}':
+            code = self._proc.poll()
+            with open(err_path, "rb") as f:
+                why = f.read()[-300:].decode("utf-8", "replace").strip()
+            state = f"exit {code}" if code is not None else f"no answer in {STARTUP_TIMEOUT_S:g}s"
+            raise SandboxStartError(f"{self.setup.backend} sandbox driver did not start ({state})"
+                                    + (f": {why}" if why else ""))
 
-    def run_test(self, index: int | dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
+    def run_test(self, index: int | dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """Run test ``index`` (or a call request ``{"call": name, "args": encoded}``); the
-        driver's record, or None if the driver died or hung.
+        driver's record, or one with status "driver_lost" when the driver died, hung or
+        answered out of turn while the code ran.
 
         ``timeout_s`` is the test's own limit; the driver enforces it and this waits
         DRIVER_SLACK_S longer before declaring the driver lost.
         """
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        lost = {"i": index, "status": "driver_lost",
+                "detail": "(the sandbox driver died or stopped answering while the code ran)"}
         try:
             proc.stdin.write((json.dumps(index) + "\n").encode())
             proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            return None
+            return lost
         line = self._read_line(proc.stdout.fileno(), time.monotonic() + timeout_s + DRIVER_SLACK_S)
-        if line is None:
-            return None
         try:
-            rec = json.loads(line)
+            rec = json.loads(line) if line is not None else None
         except ValueError:
-            return None
-        return rec if isinstance(rec, dict) and rec.get("i") == index else None
+            rec = None
+        return rec if isinstance(rec, dict) and rec.get("i") == index else lost
 
     def _read_line(self, fd: int, deadline: float) -> bytes | None:
         # JSON escaping can grow captured bytes up to 6x; anything longer is not our driver.

@@ -129,7 +129,9 @@ def _python_prefix(python: str) -> str:
 
 
 def _bwrap_argv(python: str, job_dir: str, tmpfs_bytes: int) -> list[str]:
-    argv = [BWRAP_BIN, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+    # Resolved here: the sandbox starts with a clean PATH, which must not pick another bwrap
+    # than the one this process probed.
+    argv = [shutil.which(BWRAP_BIN) or BWRAP_BIN, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session"]
     if os.getuid() == 0:
         # No user namespace as root: the driver keeps CAP_SETUID/SETGID only long enough to
@@ -171,7 +173,7 @@ def _protections(backend: str, drop_uid: bool) -> Protections:
 
 def _probe(argv: list[str], drop_uid: bool) -> bool:
     """True when the driver starts this way and answers a trivial job."""
-    from megatron_rl.rewards.sandbox import SandboxRun  # local: sandbox imports this module
+    from megatron_rl.rewards.sandbox import SandboxRun, SandboxStartError  # local: cycle
 
     setup = SandboxSetup(argv[0], argv[1], drop_uid, _protections(argv[0], drop_uid))
     # Importing modules the driver has not loaded proves the (possibly dropped) uid can
@@ -181,7 +183,7 @@ def _probe(argv: list[str], drop_uid: bool) -> bool:
     try:
         with SandboxRun(setup, job, SandboxLimits()) as run:
             rec = run.run_test(0, 10.0)
-    except OSError:
+    except (OSError, SandboxStartError):
         return False
     return rec is not None and rec.get("status") == "done" and rec.get("stdout", "").strip() == "ok"
 

@@ -148,6 +148,18 @@ def _resolve(target: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def _undumpable() -> None:
+    """PR_SET_DUMPABLE 0: this process holds tests and expected answers, and a sandbox without
+    a uid of its own (plain, not root) runs the candidate as our uid; undumpable, our
+    /proc/<pid>/mem, environ and fd/ are closed to it (docs/code_grader.md)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Worker loop: answer each request with ("ok", result) or ("error", text).
 
@@ -155,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args and int(args[0]) > 0:
         resource.setrlimit(resource.RLIMIT_AS, (int(args[0]), int(args[0])))
+    _undumpable()
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # prints inside graders must not corrupt the reply channel
     inp = sys.stdin.buffer
