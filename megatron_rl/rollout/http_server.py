@@ -105,13 +105,14 @@ def _submissions(body: dict[str, Any], engine: EmbeddedEngine) -> tuple[list[Sub
     rids = request_ids(body.get("rid"), count)
     want_lp = _per_prompt(body.get("return_logprob"), count, "return_logprob", is_batch)
     starts = _per_prompt(body.get("logprob_start_len"), count, "logprob_start_len", is_batch)
+    with_text = _per_prompt(body.get("return_text_in_logprobs"), count, "return_text_in_logprobs", is_batch)
     subs = []
     for i, prompt in enumerate(prompts):
         start = -1 if starts[i] is None else starts[i]
         if not isinstance(start, int) or isinstance(start, bool):
             raise BadRequest(f"logprob_start_len must be an integer, got {start!r}.")
         params, options = engine_params(raws[i], engine.vocab_size)
-        subs.append(Submission(prompt, params, options, rids[i], bool(want_lp[i]), start))
+        subs.append(Submission(prompt, params, options, rids[i], bool(want_lp[i]), start, bool(with_text[i])))
     return subs, is_batch
 
 

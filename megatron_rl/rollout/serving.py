@@ -37,6 +37,8 @@ class Submission:
     rid: str
     return_logprob: bool = False
     logprob_start_len: int = -1
+    logprob_text: bool = False
+    """``return_text_in_logprobs``: each log-prob entry carries its token's text."""
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
@@ -105,7 +107,13 @@ async def wait_all(engine: EmbeddedEngine, queued: list[tuple[Submission, Future
         raise
 
 
-def meta_info(job: Job, engine: EmbeddedEngine, *, finish: dict[str, Any] | None, count: int,
+def _entries(logprobs: list, ids: list[int], tokenizer: Any, with_text: bool) -> list[list[Any]]:
+    """SGLang's ``[logprob, token_id, text or null]`` entries (text: each token decoded alone)."""
+    texts = tokenizer.batch_decode([[t] for t in ids]) if with_text and tokenizer is not None else [None] * len(ids)
+    return [[lp, t, text] for lp, t, text in zip(logprobs, ids, texts)]
+
+
+def meta_info(job: Job, sub: Submission, engine: EmbeddedEngine, *, finish: dict[str, Any] | None, count: int,
               latency: bool) -> dict[str, Any]:
     """SGLang's ``meta_info`` after ``count`` output tokens (log-probs cumulative, as SGLang sends them)."""
     meta: dict[str, Any] = {
@@ -114,11 +122,10 @@ def meta_info(job: Job, engine: EmbeddedEngine, *, finish: dict[str, Any] | None
     }
     if job.return_logprob:
         start = max(job.logprob_start_len, 0)
-        meta["input_token_logprobs"] = [
-            [lp, t, None] for lp, t in zip(job.input_logprobs, job.prompt[start:])
-        ] if job.logprob_start_len >= 0 else []
-        meta["output_token_logprobs"] = [[lp, t, None] for lp, t in
-                                         zip(job.output_logprobs[:count], job.output_ids[:count])]
+        meta["input_token_logprobs"] = _entries(job.input_logprobs, job.prompt[start:], engine.tokenizer,
+                                                sub.logprob_text) if job.logprob_start_len >= 0 else []
+        meta["output_token_logprobs"] = _entries(job.output_logprobs[:count], job.output_ids[:count],
+                                                 engine.tokenizer, sub.logprob_text)
     meta["completion_tokens"] = count
     meta["cached_tokens"] = 0
     if latency:
@@ -129,5 +136,5 @@ def meta_info(job: Job, engine: EmbeddedEngine, *, finish: dict[str, Any] | None
 def generate_reply(job: Job, sub: Submission, engine: EmbeddedEngine) -> dict[str, Any]:
     """SGLang's non-streamed reply for one finished job; ``output_ids`` untrimmed."""
     text = final_text(engine.tokenizer, job.prompt, job.output_ids, job.finish, sub.options)
-    meta = meta_info(job, engine, finish=job.finish, count=len(job.output_ids), latency=True)
+    meta = meta_info(job, sub, engine, finish=job.finish, count=len(job.output_ids), latency=True)
     return {"text": text, "output_ids": list(job.output_ids), "meta_info": meta}

@@ -127,13 +127,13 @@ async def job_chunks(engine: EmbeddedEngine, future: Future, sub: Submission) ->
                 continue
             text = state.update(ids) if state is not None else ""
             yield {"text": text, "output_ids": ids[sent:],
-                   "meta_info": meta_info(job, engine, finish=None, count=count, latency=False)}
+                   "meta_info": meta_info(job, sub, engine, finish=None, count=count, latency=False)}
             sent = count
         seen = total
         if finished:
             text = state.update(job.output_ids, job.finish) if state is not None else ""
             yield {"text": text, "output_ids": job.output_ids[sent:],
-                   "meta_info": meta_info(job, engine, finish=job.finish, count=total, latency=True)}
+                   "meta_info": meta_info(job, sub, engine, finish=job.finish, count=total, latency=True)}
             return
 
 

@@ -99,3 +99,15 @@ def test_http_text_rules_on_eos_stop_tokens_and_stop_strings(echo_engine, tok):
         assert status == 200, reply
         assert reply["output_ids"] == ids and reply["text"] == text, params
         assert reply["meta_info"]["finish_reason"].get("matched") == matched, params
+
+
+def test_return_text_in_logprobs_decodes_each_token(echo_engine, tok):
+    world = tok.encode(" world")
+    body = {"input_ids": tok.encode("Hello") + world, "return_logprob": True, "logprob_start_len": 0,
+            "return_text_in_logprobs": True, "sampling_params": {"max_new_tokens": 2}}
+    [(status, reply)] = _generate(echo_engine, [body])
+    assert status == 200
+    assert [e[2] for e in reply["meta_info"]["output_token_logprobs"]] == [" world", " world"]
+    assert [e[2] for e in reply["meta_info"]["input_token_logprobs"]] == ["Hello", " world"]
+    [(_, plain)] = _generate(echo_engine, [{**body, "return_text_in_logprobs": False}])
+    assert all(e[2] is None for e in plain["meta_info"]["output_token_logprobs"])
