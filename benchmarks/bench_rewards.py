@@ -7,8 +7,12 @@ format errors), in this process and through RewardPool, each after a warm-up on 
 solutions with 10 tests each (every test runs, the worst case for an all-pass reward),
 per sandbox backend, directly and through RewardPool, beside a baseline with no sandbox at
 all (one bare ``python3 -I`` subprocess per test, same comparison), measured in the same run
-so the sandbox's cost is read against this machine's load. Prints a table and writes
-benchmarks/results/bench_rewards.csv with a machine column.
+so the sandbox's cost is read against this machine's load. Assert mode (HumanEval-style
+``check(candidate)`` with 10 asserts) runs the asserts in the trusted grader and each call
+in a fresh fork in the sandbox; its baseline is the usual untrusted way, candidate and
+asserts in one bare interpreter. ``vs_baseline`` is throughput over the baseline of the
+same workload in the same run. Prints a table and writes benchmarks/results/bench_rewards.csv
+with a machine column.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from megatron_rl.rewards.sandbox_setup import detect  # noqa: E402
 
 CSV_PATH = ROOT / "benchmarks" / "results" / "bench_rewards.csv"
 CODE = "```python\nimport sys\nnums = list(map(int, sys.stdin.read().split()))\nprint(sum(nums))\n```"
+ASSERT_CODE = "```python\ndef total(xs):\n    return sum(xs)\n```"
 
 
 def plain_subprocess_score(response: str, tests: dict[str, list[str]]) -> float:
@@ -48,6 +53,22 @@ def plain_subprocess_score(response: str, tests: dict[str, list[str]]) -> float:
         if not stdout_matches(proc.stdout, out):
             return 0.0
     return 1.0
+
+
+def plain_subprocess_assert_score(response: str, tests: dict[str, str]) -> float:
+    """Assert mode's floor: candidate and asserts in one bare interpreter (exit code 0 passes);
+    no isolation and, unlike the grader, a verdict the candidate could forge."""
+    source = (extract_code(response) or "") + "\n" + tests["test_code"]
+    source += f"\ncheck({tests['entry_point']})\n"
+    proc = subprocess.run([os.path.realpath(sys.executable), "-I", "-c", source],
+                          capture_output=True, timeout=6)
+    return float(proc.returncode == 0)
+
+
+def assert_tests(seed: int) -> dict[str, str]:
+    cases = [[(seed * 31 + i * 7 + k) % 1000 for k in range(50)] for i in range(10)]
+    body = "".join(f"    assert candidate({c}) == {sum(c)}\n" for c in cases)
+    return {"test_code": "def check(candidate):\n" + body, "entry_point": "total"}
 
 
 def code_tests(seed: int) -> dict[str, list[str]]:
@@ -78,8 +99,12 @@ def main() -> None:
         bench_math(args, add)
     if args.only != "math":
         bench_code(args, add)
+    baseline = {r["benchmark"]: r["responses_per_s"] for r in rows if "baseline" in r["mode"]}
+    for r in rows:
+        base = baseline.get(r["benchmark"])
+        r["vs_baseline"] = round(r["responses_per_s"] / base, 2) if base else ""
     cols = ["benchmark", "mode", "workers", "responses", "seconds", "responses_per_s",
-            "mean_score"]
+            "vs_baseline", "mean_score"]
     write_table(rows, cols, CSV_PATH, device_col="machine")
 
 
@@ -103,23 +128,25 @@ def bench_math(args: argparse.Namespace, add: Callable[..., None]) -> None:
 
 def bench_code(args: argparse.Namespace, add: Callable[..., None]) -> None:
     n = args.code_responses
-    base = [RewardItem("code", CODE, code_tests(i)) for i in range(n)]
-    secs, scores = timed(lambda: [plain_subprocess_score(i.response, i.reference) for i in base])
-    add("code (10 stdin tests)", "plain subprocess, no sandbox (baseline)", 1, n, secs, scores)
-    for backend in ("bwrap", "plain"):
-        try:
-            setup = detect(backend)
-        except RuntimeError:
-            continue
-        items = [RewardItem("code", CODE, code_tests(i)) for i in range(n)]
-        secs, scores = timed(lambda b=backend, its=items: [
-            grade_code(i.response, i.reference, backend=b).score for i in its])
-        add("code (10 stdin tests)", f"{setup.backend} direct", 1, n, secs, scores)
-        with RewardPool(num_workers=args.workers, max_queue=4 * args.workers,
-                        code_backend=backend) as pool:
-            pool.score_batch(items[:2])
-            secs, scores = timed(lambda p=pool, its=items: p.score_batch(its))
-        add("code (10 stdin tests)", f"{setup.backend} RewardPool", args.workers, n, secs, scores)
+    workloads = [("code (10 stdin tests)", CODE, code_tests, plain_subprocess_score),
+                 ("code (assert, 10 calls)", ASSERT_CODE, assert_tests, plain_subprocess_assert_score)]
+    for bench, response, make_tests, baseline in workloads:
+        items = [RewardItem("code", response, make_tests(i)) for i in range(n)]
+        secs, scores = timed(lambda its=items, f=baseline: [f(i.response, i.reference) for i in its])
+        add(bench, "plain subprocess, no sandbox (baseline)", 1, n, secs, scores)
+        for backend in ("bwrap", "plain"):
+            try:
+                setup = detect(backend)
+            except RuntimeError:
+                continue
+            secs, scores = timed(lambda b=backend, its=items: [
+                grade_code(i.response, i.reference, backend=b).score for i in its])
+            add(bench, f"{setup.backend} direct", 1, n, secs, scores)
+            with RewardPool(num_workers=args.workers, max_queue=4 * args.workers,
+                            code_backend=backend) as pool:
+                pool.score_batch(items[:2])
+                secs, scores = timed(lambda p=pool, its=items: p.score_batch(its))
+            add(bench, f"{setup.backend} RewardPool", args.workers, n, secs, scores)
 
 
 if __name__ == "__main__":
