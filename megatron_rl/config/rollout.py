@@ -14,6 +14,7 @@ from megatron_rl.config.base import require
 
 EngineKind = Literal["embedded", "sglang"]
 SyncTransport = Literal["distributed", "disk", "tensor"]
+RolloutMode = Literal["sync", "one_step_off", "async"]
 
 
 @dataclass
@@ -63,9 +64,29 @@ class RolloutConfig:
     max_abort_retries: int = 2
     """A sample that comes back aborted (server paused or restarted mid-request) is re-requested
     this many times with the same seed; then its whole group is dropped, never graded."""
+    mode: RolloutMode = "sync"
+    """sync: each step trains on samples of the current weights. one_step_off: step t+1's samples
+    are generated (with the weights before step t's update) while step t trains; every sample
+    is exactly one version old. async: generation runs ahead of training by up to
+    `max_staleness` batches; the servers take new weights between batches (see docs/architecture.md)."""
+    max_staleness: int = 1
+    """async: a sample trained at step t was generated with weights of step t - max_staleness or
+    newer (the version is recorded per sample; TIS / masked IS correct for it)."""
+
+    @property
+    def staleness(self) -> int:
+        """How many versions older than the trainer a sample may be: 0 (sync), 1, or max_staleness."""
+        return {"sync": 0, "one_step_off": 1}.get(self.mode, self.max_staleness)
 
     def __post_init__(self) -> None:
         require(self.num_servers >= 1, "`rollout.num_servers` must be >= 1.")
+        require(self.mode in ("sync", "one_step_off", "async"),
+                f"`rollout.mode` is `{self.mode}`: use sync, one_step_off or async.")
+        require(self.max_staleness >= 1, "`rollout.max_staleness` must be >= 1 (mode sync has none).")
+        require(self.mode == "sync" or not self.colocate,
+                f"`rollout.mode: {self.mode}` generates while the actor trains, which colocated servers "
+                "cannot (they release the GPUs to the actor): set `rollout.colocate: false` (servers on "
+                "their own GPUs) or `rollout.mode: sync`.")
         require(self.tp_size >= 1, "`rollout.tp_size` must be >= 1.")
         require(self.engine != "embedded" or self.tp_size == 1,
                 "`rollout.tp_size` must be 1 with the embedded engine (it runs one CPU process "

@@ -24,6 +24,7 @@ from megatron_rl.trainer.batching import pack
 from megatron_rl.trainer.dist_utils import any_rank, broadcast, on_rank0
 from megatron_rl.trainer.gate import check_gate, step_mismatch
 from megatron_rl.trainer.metrics import eval_metrics, sample_metrics
+from megatron_rl.trainer.pipeline import Batch, RolloutPipeline, staleness_metrics
 from megatron_rl.trainer.session import Session, open_session
 
 log = logging.getLogger("megatron_rl.train")
@@ -51,6 +52,15 @@ class Trainer:
         self.last_saved = s.start_step
         self.sample_log: list[dict] = []
         self.updated = False  # whether the current step has changed the weights yet
+        self.stale = False  # whether this step's samples came from older weights (async modes)
+        self.pipeline: RolloutPipeline | None = None  # rank 0, rollout.mode one_step_off / async
+        self.producing = False  # every rank: whether the pipeline was started (async modes)
+        # Rank 0: batches generated before a checkpoint and not yet trained (a resumed async run).
+        self.buffered: dict[int, Batch] = {}
+        if s.rank0:
+            for d in s.extra.get("rollout_buffer") or []:
+                b = Batch.from_json(d)
+                self.buffered[b.step] = b
 
     @contextmanager
     def phase(self, step: int, name: str):
@@ -73,6 +83,8 @@ class Trainer:
             self.sync(s.start_step)  # the servers serve exactly the trainer's weights from step one
             if cfg.eval.at_start and s.start_step == 0 and cfg.eval.files:
                 self.evaluate(0)
+            if cfg.rollout.mode != "sync":
+                self.start_pipeline()
             for step in range(s.start_step, cfg.train.num_steps):
                 self.timings.clear()
                 t0 = time.perf_counter()
@@ -94,6 +106,7 @@ class Trainer:
                     self.save(step + 1)
                     log.warning("stopped by signal after step %d; checkpoint saved", step + 1) if s.rank0 else None
                     return 0
+            self.stop_pipeline()
             if cfg.train.num_steps > self.last_saved:
                 self.save(cfg.train.num_steps)
             if cfg.eval.files:
@@ -118,15 +131,19 @@ class Trainer:
             metrics = {**gen_metrics, **steps.shape(cfg, samples), **sample_metrics(samples, cfg.rollout.max_new_tokens)}
             adv = steps.advantages(cfg, samples)
         self.sample_log = [{"data_source": x.data_source, "reward": x.reward, "finish": x.finish_reason,
-                            "prompt_len": len(x.prompt_ids), "response": x.extra.get("text", "")}
+                            "prompt_len": len(x.prompt_ids), "weight_version": x.weight_version,
+                            "response": x.extra.get("text", "")}
                            for x in samples[: cfg.logging.log_samples]]
         self.server_memory("release")  # colocated: the actor gets the GPU memory back
         metrics.update(self.train_updates(step, samples, adv))
         with self.phase(step, "sync"):
-            self.s.drop_dead_servers()  # lost mid-step: the client already re-sent their requests
-            self.server_memory("resume", ["weights"])
-            self.sync(step + 1)
-            self.server_memory("resume", ["kv_cache"])
+            if self.producing:
+                self.try_sync(step + 1)  # only while the producer waits for these weights
+            else:
+                self.s.drop_dead_servers()  # lost mid-step: the client already re-sent their requests
+                self.server_memory("resume", ["weights"])
+                self.sync(step + 1)
+                self.server_memory("resume", ["kv_cache"])
         if cfg.checkpoint.dir and (step + 1) % cfg.checkpoint.save_every == 0:
             with self.phase(step, "checkpoint"):
                 self.save(step + 1)
@@ -156,26 +173,80 @@ class Trainer:
 
         on_rank0(call)
 
+    async def generate_batch(self, step: int) -> tuple[list, dict[str, float]]:
+        """Rank 0, on the loop thread: one step's groups and generation metrics."""
+        from megatron_rl.trainer.generate import Generator
+
+        s = self.s
+        out = await Generator(self.cfg, s.client, s.pool, s.tokenizer).step(s.stream, step)
+        out.metrics["data/epoch"] = float(s.stream.epoch)
+        out.metrics["data/prompts_dropped"] = float(s.stream.dataset.num_dropped)
+        return out.groups, out.metrics
+
     def generate(self, step: int):
-        """Rank 0 generates and grades; every rank gets the groups (or the error that stopped it)."""
+        """Rank 0 generates and grades (or takes the batch generated ahead); every rank gets the
+        groups (or the error that stopped it)."""
         s = self.s
         result = None
         if s.rank0:
-            from megatron_rl.trainer.generate import Generator
-
             try:
-                gen = Generator(self.cfg, s.client, s.pool, s.tokenizer)
-                out = s.run(gen.step(s.stream, step))
-                out.metrics["data/epoch"] = float(s.stream.epoch)
-                out.metrics["data/prompts_dropped"] = float(s.stream.dataset.num_dropped)
-                result = ("ok", out.groups, out.metrics)
+                batch = self.buffered.pop(step, None)
+                if batch is None and self.pipeline is not None:
+                    batch = s.run(self.pipeline.take(step))
+                    if batch.error is not None:
+                        raise RolloutError(batch.error)
+                if batch is None:
+                    groups, metrics = s.run(self.generate_batch(step))
+                    batch = Batch(step, groups, metrics, version=step)
+                metrics = {**batch.metrics, **staleness_metrics(step, batch.version, batch.groups)}
+                result = ("ok", batch.groups, metrics)
             except RolloutError as e:
                 result = ("rollout_error", str(e), None)
         result = broadcast(result)
         if result[0] == "rollout_error":
             raise RolloutError(f"{result[1]} The run keeps its state after step {step} and stops; start the "
                                "same command again once servers are back (it resumes from there).")
+        if self.producing:
+            # The servers are idle now if the producer waits for this step's weights: with
+            # one_step_off, step t+1's batch is generated with exactly these while we train.
+            self.try_sync(step)
+        self.stale = result[2]["rollout/staleness_max"] > 0
         return result[1], result[2]
+
+    # ------------------------------------------------------------------ generation ahead
+    def start_pipeline(self) -> None:
+        s, cfg = self.s, self.cfg
+        self.producing = True
+        if not s.rank0:
+            return
+        first = max([s.start_step - 1, *self.buffered]) + 1
+        self.pipeline = RolloutPipeline(self.generate_batch, next_step=first, num_steps=cfg.train.num_steps,
+                                        staleness=cfg.rollout.staleness, server_version=s.start_step)
+        s.run(self.pipeline.start())
+
+    def stop_pipeline(self) -> None:
+        """No more generation ahead (the last step is trained); holds and syncs still work."""
+        if self.pipeline is not None:
+            self.s.run(self.pipeline.stop())
+
+    def try_sync(self, version: int) -> bool:
+        """Collective: push the trainer's weights (``version``) to the servers if they are
+        between batches and older; True when synced."""
+        s, p = self.s, self.pipeline
+        claimed = False
+        if s.rank0 and p is not None:
+            claimed = s.run(p.claim_idle(version))
+        if not broadcast(claimed):
+            return False
+        synced = False
+        try:
+            self.s.drop_dead_servers()
+            self.sync(version)
+            synced = True
+        finally:
+            if s.rank0 and p is not None:
+                s.run(p.release(version if synced else None))
+        return True
 
     def train_updates(self, step: int, samples, adv) -> dict[str, float]:
         """Old log-probs of every update's samples under the pre-step weights (a forward pass
@@ -244,11 +315,13 @@ class Trainer:
         return {**metrics, **totals}
 
     def gate(self, step: int, mbs, field: str) -> dict[str, float]:
-        """Mismatch metrics over every DP rank's tokens, and the gate (every step follows a sync)."""
+        """Mismatch metrics over every DP rank's tokens, and the gate when the samples came from
+        the trainer's current weights (stale samples differ by the policy's own updates)."""
         cfg, topo = self.cfg, self.s.topo
         metrics = step_mismatch([getattr(mb, field) for mb in mbs], mbs, topo.dp_group if topo.dp > 1 else None)
-        check_gate(metrics, dtype=cfg.model.dtype, threshold=cfg.train.mismatch_threshold, step=step,
-                   version=f"step{step}")
+        if not self.stale:
+            check_gate(metrics, dtype=cfg.model.dtype, threshold=cfg.train.mismatch_threshold, step=step,
+                       version=f"step{step}")
         return metrics
 
     # ------------------------------------------------------------------ services
@@ -275,13 +348,42 @@ class Trainer:
         s, cfg = self.s, self.cfg
         if not cfg.checkpoint.dir:
             return
-        extra = {"data": s.stream.state_dict() if s.rank0 else None, "data_files": list(cfg.data.train_files)}
-        save_checkpoint(cfg.checkpoint.dir, completed, s.actor.model, s.actor.optimizer if cfg.checkpoint.save_optimizer
-                        else None, extra=extra, keep_last=cfg.checkpoint.keep_last, hf_dir=s.hf_dir,
-                        optimizer_format=cfg.checkpoint.optimizer_format)
+        pending: list[Batch] = list(self.buffered.values())
+        if s.rank0 and self.pipeline is not None:
+            # Nothing in flight while the data position is read: it must follow the stored batches.
+            pending += s.run(self.pipeline.drain())
+        try:
+            extra = {"data": s.stream.state_dict() if s.rank0 else None, "data_files": list(cfg.data.train_files),
+                     "rollout_buffer": [b.to_json() for b in pending if b.error is None and b.step >= completed]}
+            save_checkpoint(cfg.checkpoint.dir, completed, s.actor.model, s.actor.optimizer if
+                            cfg.checkpoint.save_optimizer else None, extra=extra, keep_last=cfg.checkpoint.keep_last,
+                            hf_dir=s.hf_dir, optimizer_format=cfg.checkpoint.optimizer_format)
+        finally:
+            if s.rank0 and self.pipeline is not None:
+                s.run(self.pipeline.release())
         self.last_saved = completed
 
     def evaluate(self, step: int) -> None:
+        """Samples of the eval set under the trainer's weights at ``step``; while generation runs
+        ahead (async modes) the producer is held and the servers synced to ``step`` first."""
+        s = self.s
+        if not self.producing:
+            return self._evaluate(step)
+        p = self.pipeline
+        if s.rank0:
+            s.run(p.drain())  # no batch in flight, none started while we evaluate
+        synced = False
+        try:
+            if broadcast(s.rank0 and p.server_version < step):
+                self.s.drop_dead_servers()
+                self.sync(step)
+                synced = True
+            self._evaluate(step)
+        finally:
+            if s.rank0:
+                s.run(p.release(step if synced else None))
+
+    def _evaluate(self, step: int) -> None:
         s, cfg = self.s, self.cfg
 
         def work():

@@ -11,8 +11,10 @@ or a server that will not start stops the whole world with one clear error.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
+import threading
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,49 @@ def check_world(cfg: RunConfig) -> None:
             f"multiple of tp*pp*cp = {p.model_parallel_size}.")
 
 
+class LoopThread:
+    """The run's asyncio loop, in a thread of its own, so that rank 0 can generate the next
+    batches (``rollout.mode`` one_step_off / async) while the main thread trains. Everything
+    asynchronous (client, reward grading, weight sync) runs on this one loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        self.thread = threading.Thread(target=self._main, args=(device,), name="megatron-rl-asyncio", daemon=True)
+        self.thread.start()
+
+    def _main(self, device: int | None) -> None:
+        if device is not None:
+            torch.cuda.set_device(device)  # CUDA's current device is per thread: the sync exports here
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro):
+        """Run ``coro`` on the loop; block this thread until it is done (its error is raised here)."""
+        return self.submit(coro).result()
+
+    def cancel_all(self) -> None:
+        """Cancel whatever still runs on the loop (an interrupted step's requests); waits for it."""
+        async def cancel() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self.thread.is_alive():
+            self.run(cancel())
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=30)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
 @dataclass
 class Session:
     cfg: RunConfig
@@ -53,7 +98,7 @@ class Session:
     start_step: int
     extra: dict[str, Any]
     out_dir: Path
-    loop: asyncio.AbstractEventLoop
+    aio: LoopThread
     stack: ExitStack = field(default_factory=ExitStack)
     # rank 0 only
     tokenizer: Any = None
@@ -68,7 +113,8 @@ class Session:
         return self.topo.rank == 0
 
     def run(self, coro):
-        return self.loop.run_until_complete(coro)
+        """Run a coroutine on the run's loop thread and wait for it (any rank)."""
+        return self.aio.run(coro)
 
     def drop_dead_servers(self) -> bool:
         """Collective: rank 0 forgets servers that are down and, if any, every rank reopens the
@@ -99,6 +145,10 @@ class Session:
 
     def close(self) -> None:
         """Best effort, in reverse: a dead server must not hide the error that ended the run."""
+        try:
+            self.aio.cancel_all()  # an interrupted step's generation, a pipeline still producing
+        except Exception as e:  # noqa: BLE001 - teardown: log and go on
+            log.debug("while cancelling pending work: %s", e)
         for closing in (self.sender, self.client):
             if closing is None:
                 continue
@@ -109,7 +159,7 @@ class Session:
         try:
             self.stack.close()
         finally:
-            self.loop.close()
+            self.aio.close()
 
 
 def build_actor(cfg: RunConfig, topo, dims, *, optimizer: bool = True):
@@ -159,7 +209,7 @@ def open_session(cfg: RunConfig) -> Session:
         for p in ref_actor.model[0].parameters():
             p.requires_grad_(False)
     s = Session(cfg=cfg, topo=topo, dims=dims, hf_dir=hf_dir, actor=actor, ref_actor=ref_actor, start=start,
-                start_step=start_step, extra=extra, out_dir=out_dir, loop=asyncio.new_event_loop())
+                start_step=start_step, extra=extra, out_dir=out_dir, aio=LoopThread())
     try:
         _open_services(s)
     except BaseException:
