@@ -201,6 +201,8 @@ CASES: list[tuple[str, str | list[str], float, str]] = [
     (B("1.5 laps"), "1.5", 1.0, "decimal with a bare word vs number"),
     (B("\\text{12/5 cups}"), "\\text{125 cups}", 0.0, "slash erased in a word answer (trap)"),
     (B("\\text{3-4 days}"), "\\text{34 days}", 0.0, "hyphen erased in a word answer (trap)"),
+    (B("\\text{12/5 cups}"), "\\text{12/5 cups}", 1.0, "slash kept in a word answer"),
+    (B("\\text{3-4 days}"), "3-4 \\text{ days}", 1.0, "hyphen kept in a word answer"),
     (B("0.1234568"), "0.1234567", 0.0, "decimals differ in the 7th place (trap)"),
     (B("0.1234567"), "0.1234567", 1.0, "equal long decimal"),
     (B("3.1415927"), "\\pi", 0.0, "pi to 7 places (trap)"),

@@ -284,6 +284,23 @@ def test_floats_never_pass_for_integers_end_to_end(sandbox_setup, printed, ok):
     assert grade(f"print({printed!r})", tests, sandbox_setup.backend) == float(ok)
 
 
+@pytest.mark.parametrize("body,ok", [
+    ("return 10**18 + 7", True), ("return 1e18", False), ("return float(10**18 + 7)", False),
+    ("return 10**18", False)])
+def test_call_mode_floats_never_pass_for_integers(sandbox_setup, body, ok):
+    tests = {"fn_name": "f", "inputs": [[]], "outputs": [10**18 + 7], "float_tol": 1e-6}
+    assert grade(f"def f():\n    {body}\n", tests, sandbox_setup.backend) == float(ok)
+
+
+def test_float_tolerance_end_to_end_only_where_the_dataset_says(sandbox_setup):
+    b = sandbox_setup.backend
+    lcb = {"inputs": [""], "outputs": ["0.3333333"]}
+    assert grade("print('0.3333333')", lcb, b) == 1.0
+    assert grade("print(1 / 3)", lcb, b) == 0.0  # LiveCodeBench: exact decimals
+    assert grade("print(1 / 3)", dict(lcb, float_tol=1e-6), b) == 1.0
+    assert grade("print(0.3334)", dict(lcb, float_tol=1e-6), b) == 0.0
+
+
 def test_float_tolerance_only_where_the_dataset_says():
     assert not stdout_matches("0.3333334", "0.3333333")  # LiveCodeBench: exact decimals
     assert stdout_matches("0.3333334", "0.3333333", float_tol=1e-6)
