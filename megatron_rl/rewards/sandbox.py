@@ -162,7 +162,7 @@ class SandboxRun:
         if self._uid is not None:
             kill_uid(self._uid)  # catches anything that escaped the group with setsid()
         if os.path.isdir(self._job_dir):
-            _force_rmtree(self._job_dir)
+            force_rmtree(self._job_dir)
 
     def __enter__(self) -> SandboxRun:
         return self
@@ -171,7 +171,7 @@ class SandboxRun:
         self.close()
 
 
-def _force_rmtree(path: str) -> None:
+def force_rmtree(path: str) -> None:
     """rmtree that first restores permissions the code may have removed (chmod 000)."""
     for root, dirs, _ in os.walk(path):
         for d in dirs:

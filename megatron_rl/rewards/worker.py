@@ -7,6 +7,10 @@ and the next call starts a fresh one. The worker is a plain ``python -m`` subpro
 ``multiprocessing``), so it never re-imports the caller's ``__main__`` or inherits its
 threads, and it imports nothing heavier than the grader it runs (no torch).
 
+Each worker gets its own temporary directory (its ``TMPDIR``), where the sandboxes it starts
+keep their job files; the parent empties it whenever it kills the worker and deletes it on
+``close`` (or at exit), so a worker killed mid-grade leaves nothing behind in ``/tmp``.
+
 Calls name their target as "module:function"; only ``megatron_rl.rewards`` modules may be
 called. Messages are length-prefixed pickles over the worker's stdin/stdout; stray prints
 in the worker go to stderr.
@@ -22,12 +26,15 @@ import select
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
+import weakref
 from typing import Any, BinaryIO
 
 from megatron_rl.errors import UserError
+from megatron_rl.rewards.sandbox import force_rmtree
 
 _HEADER = struct.Struct("<I")
 _ALLOWED_PREFIX = "megatron_rl.rewards."
@@ -44,10 +51,17 @@ class WorkerProcess:
         self._startup_timeout_s = startup_timeout_s
         self._memory_limit = memory_limit_bytes
         self._proc: subprocess.Popen[bytes] | None = None
+        self._tmp: str | None = None
+        self._remove_tmp: weakref.finalize | None = None
         self._lock = threading.Lock()
         self._started = False
         self.restarts = 0
         """How many times a dead or killed worker was replaced."""
+
+    @property
+    def tmp_dir(self) -> str | None:
+        """The worker's temporary directory (emptied when it is killed, deleted on close)."""
+        return self._tmp
 
     def call(self, target: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
              timeout_s: float) -> tuple[bool, Any]:
@@ -85,6 +99,11 @@ class WorkerProcess:
         self._started = True
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PKG_ROOT, env.get("PYTHONPATH")]))
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="mrl-worker-")
+            os.chmod(self._tmp, 0o711)  # a sandbox's throw-away uid reaches its job dir, lists nothing
+            self._remove_tmp = weakref.finalize(self, force_rmtree, self._tmp)  # runs at exit too
+        env["TMPDIR"] = self._tmp
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "megatron_rl.rewards._worker_main",
              str(self._memory_limit or 0)], stdin=subprocess.PIPE,
@@ -97,22 +116,32 @@ class WorkerProcess:
 
     def _kill(self) -> int | None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return None
-        proc.kill()
-        code = proc.wait()
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
+        code = None
+        if proc is not None:
+            proc.kill()
+            code = proc.wait()
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    try:
+                        stream.close()
+                    except OSError:
+                        pass
+        if self._tmp is not None:  # what its sandboxes could not clean up, killed with it
+            for name in os.listdir(self._tmp):
+                path = os.path.join(self._tmp, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    force_rmtree(path)
+                else:
+                    os.unlink(path)
         return code
 
     def close(self) -> None:
         """Stop the worker (it also exits by itself when this process goes away)."""
         with self._lock:
             self._kill()
+            if self._remove_tmp is not None:
+                self._remove_tmp()
+            self._tmp = self._remove_tmp = None
 
 
 def _send(stream: BinaryIO, obj: Any) -> None:

@@ -9,10 +9,10 @@ whatever the candidate does (killing its driver included) stays an ordinary 0.0.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import shutil
 import signal
+import threading
 import time
 
 import psutil
@@ -25,6 +25,7 @@ from megatron_rl.config.run import load_config
 from megatron_rl.rewards import RewardItem, RewardPool
 from megatron_rl.rewards.code import grade_code
 from megatron_rl.rewards.grade import Grade
+from megatron_rl.rewards.worker import WorkerProcess
 from megatron_rl.trainer import steps
 from megatron_rl.trainer.samples import ScoredSample
 
@@ -116,15 +117,6 @@ def _worker_pids() -> set[int]:
 SLOW = "```python\nimport time\ntime.sleep(3)\nprint(3)\n```"
 
 
-@pytest.fixture
-def killed_worker_leftovers():
-    """A worker killed mid-grade cannot delete its sandbox directory: remove it here."""
-    dirs = set(glob.glob("/tmp/mrl-sbx-*"))
-    yield
-    for d in set(glob.glob("/tmp/mrl-sbx-*")) - dirs:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 class TightPool(RewardPool):
     """A pool whose deadline on the grader itself is shorter than grading SLOW takes (the
     candidate sleeps well within its own time limit); other items keep the usual deadline."""
@@ -134,7 +126,7 @@ class TightPool(RewardPool):
         return args, kwargs, 1.0 if item.response == SLOW else deadline
 
 
-def test_pool_reports_a_grader_crash(caplog, killed_worker_leftovers):
+def test_pool_reports_a_grader_crash(caplog):
     with RewardPool(num_workers=1, code_timeout_s=6.0) as pool:
         before = _worker_pids()
         fut = pool.submit(RewardItem("code", SLOW, ADD_TESTS))
@@ -151,13 +143,32 @@ def test_pool_reports_a_grader_crash(caplog, killed_worker_leftovers):
     assert "grade unknown" in caplog.text
 
 
-def test_pool_reports_a_grader_timeout(killed_worker_leftovers):
+def test_pool_reports_a_grader_timeout():
     # The pool's deadline on the grader ran out while the candidate was still within its own
     # 6 s: the grader's timeout. The candidate's own timeout is an ordinary 0.0 (test_reward_pool).
     with TightPool(num_workers=1, code_timeout_s=6.0) as pool:
         g, after = pool.grade_batch([RewardItem("code", SLOW, ADD_TESTS), RewardItem("code", ADD, ADD_TESTS)])
     assert_grader_failure(g, "timeout after 1s")
     assert after.score == 1.0
+
+
+def test_a_worker_killed_mid_grade_leaves_no_sandbox_files():
+    w = WorkerProcess()
+    try:
+        assert w.call("megatron_rl.rewards.grade:fail", ("start",), {}, 60)[0]
+        tmp = w.tmp_dir
+        assert tmp is not None
+        seen: list[str] = []
+        watcher = threading.Thread(target=lambda: (time.sleep(0.7), seen.extend(os.listdir(tmp))))
+        watcher.start()
+        ok, why = w.call("megatron_rl.rewards.code:grade_code", (SLOW, ADD_TESTS), {"timeout_s": 6.0}, 1.5)
+        watcher.join()
+        assert not ok and why.startswith("timeout")
+        assert any(name.startswith("mrl-sbx-") for name in seen)  # the sandbox lived there
+        assert os.listdir(tmp) == []
+    finally:
+        w.close()
+    assert not os.path.exists(tmp)
 
 
 def _samples(grades: list[Grade]) -> list[ScoredSample]:
@@ -167,7 +178,7 @@ def _samples(grades: list[Grade]) -> list[ScoredSample]:
             for i, g in enumerate(grades)]
 
 
-def test_trainer_masks_what_the_pool_reports_as_grader_failures(killed_worker_leftovers):
+def test_trainer_masks_what_the_pool_reports_as_grader_failures():
     items = [RewardItem("code", ADD, ADD_TESTS), RewardItem("code", WRONG_ADD, ADD_TESTS),
              RewardItem("code", KILL_DRIVER, ADD_TESTS),
              RewardItem("code", ADD, {"inputs": ["1"]}),  # malformed tests: not gradable
