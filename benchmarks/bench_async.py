@@ -11,7 +11,8 @@ included) over steps 2..N (start-up and the first step, which fills the pipeline
 with the sync mode's as the reference measured in the same run, interleaved (sync,
 one_step_off, async, sync, ...) so that the machine's load hits all modes.
 
-Overlap needs spare cores: here the trainer and the rollout server share 2 cores, so one
+Both with the demo's `rollout.deterministic: true` (each seeded request decoded alone: exact
+resume, slow generation) and without it (batched decoding). Overlap needs spare cores: here the trainer and the rollout server share 2 cores, so one
 waits for the other more than on a GPU node where they hold separate devices.
 
 Prints a table and writes benchmarks/results/bench_async.csv.
@@ -43,19 +44,23 @@ def build(root: Path) -> None:
     synthetic.write_arithmetic_parquet(root / "train.parquet", 2000, seed=1, carry_frac=0.5)
 
 
-def run_mode(root: Path, mode: str, steps: int, staleness: int, tag: str) -> dict:
+def run_mode(root: Path, mode: str, steps: int, staleness: int, deterministic: bool, tag: str) -> dict:
     out = root / tag
     args = [CLI, "train", str(ROOT / "configs" / "tiny_cpu.yaml"), f"model.path={root / 'model'}",
             f"data.train_files=[{root / 'train.parquet'}]", "eval.files=[]", "eval.at_start=false",
             f"train.num_steps={steps}", f"logging.output_dir={out}", f"checkpoint.dir={out / 'ckpt'}",
-            "checkpoint.save_every=1000", "checkpoint.export_hf=false", "logging.progress=false",
-            f"rollout.mode={mode}", f"rollout.max_staleness={staleness}"]
+            "checkpoint.save_every=1000", "checkpoint.export_hf=false", "logging.progress=lines",
+            f"rollout.mode={mode}", f"rollout.max_staleness={staleness}",
+            f"rollout.deterministic={str(deterministic).lower()}"]
     t0 = time.perf_counter()
-    subprocess.run(args, check=True, cwd=ROOT, capture_output=True)
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     total = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     per_step = [r["time/step"] for r in rows[1:]]  # the first step starts the pipeline
-    return {"mode": mode if mode != "async" else f"async k={staleness}", "steps": steps,
+    return {"mode": mode if mode != "async" else f"async k={staleness}", "deterministic": deterministic,
+            "steps": steps,
             "s_per_step": round(statistics.mean(per_step), 3),
             "generate_wait_s": round(statistics.mean(r["time/generate"] for r in rows[1:]), 3),
             "train_s": round(statistics.mean(r["time/train"] for r in rows[1:]), 3),
@@ -75,15 +80,16 @@ def main() -> None:
         root = Path(tmp)
         build(root)
         for r in range(args.repeats):
-            by_mode = {}
-            for mode in ("sync", "one_step_off", "async"):
-                row = run_mode(root, mode, args.steps, args.staleness, f"{mode}-{r}")
-                by_mode[mode] = row
-                rows.append(row)
-            for row in by_mode.values():
-                row["speedup_vs_sync"] = round(by_mode["sync"]["s_per_step"] / row["s_per_step"], 2)
-                row["round"] = r
-    write_table(rows, ["round", "mode", "steps", "s_per_step", "speedup_vs_sync", "generate_wait_s", "train_s",
+            for det in (True, False):
+                by_mode = {}
+                for mode in ("sync", "one_step_off", "async"):
+                    row = run_mode(root, mode, args.steps, args.staleness, det, f"{mode}-{det}-{r}")
+                    by_mode[mode] = row
+                    rows.append(row)
+                for row in by_mode.values():
+                    row["speedup_vs_sync"] = round(by_mode["sync"]["s_per_step"] / row["s_per_step"], 2)
+                    row["round"] = r
+    write_table(rows, ["round", "deterministic", "mode", "steps", "s_per_step", "speedup_vs_sync", "generate_wait_s", "train_s",
                        "staleness_max", "job_wall_s"], args.csv)
 
 

@@ -126,6 +126,11 @@ class Trainer:
         cfg = self.cfg
         with self.phase(step, "generate"):  # + reward: graded as samples arrive
             groups, gen_metrics = self.generate(step)
+        if self.producing:
+            with self.phase(step, "sync"):
+                # The servers are idle now if the producer waits for this step's weights: with
+                # one_step_off, step t+1's batch is generated with exactly these while we train.
+                self.try_sync(step)
         samples = [x for g in groups for x in g]
         with self.phase(step, "shape"):
             metrics = {**gen_metrics, **steps.shape(cfg, samples), **sample_metrics(samples, cfg.rollout.max_new_tokens)}
@@ -153,7 +158,8 @@ class Trainer:
                 self.evaluate(step + 1)
         metrics.update(self.timings)
         gen_tokens = sum(len(x.response_ids) for x in samples)
-        metrics["perf/generated_tokens_per_s"] = gen_tokens / max(self.timings["time/generate"], 1e-9)
+        gen_time = metrics.get("time/generate_batch", self.timings["time/generate"])
+        metrics["perf/generated_tokens_per_s"] = gen_tokens / max(gen_time, 1e-9)
         return metrics
 
     def server_memory(self, action: str, tags: list[str] | None = None) -> None:
@@ -199,6 +205,8 @@ class Trainer:
                     groups, metrics = s.run(self.generate_batch(step))
                     batch = Batch(step, groups, metrics, version=step)
                 metrics = {**batch.metrics, **staleness_metrics(step, batch.version, batch.groups)}
+                if batch.seconds:  # generated ahead: time/generate is only what the trainer waited
+                    metrics["time/generate_batch"] = batch.seconds
                 result = ("ok", batch.groups, metrics)
             except RolloutError as e:
                 result = ("rollout_error", str(e), None)
@@ -206,10 +214,6 @@ class Trainer:
         if result[0] == "rollout_error":
             raise RolloutError(f"{result[1]} The run keeps its state after step {step} and stops; start the "
                                "same command again once servers are back (it resumes from there).")
-        if self.producing:
-            # The servers are idle now if the producer waits for this step's weights: with
-            # one_step_off, step t+1's batch is generated with exactly these while we train.
-            self.try_sync(step)
         self.stale = result[2]["rollout/staleness_max"] > 0
         return result[1], result[2]
 
