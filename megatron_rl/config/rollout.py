@@ -72,6 +72,11 @@ class RolloutConfig:
     max_staleness: int = 1
     """async: a sample trained at step t was generated with weights of step t - max_staleness or
     newer (the version is recorded per sample; TIS / masked IS correct for it)."""
+    partial: bool = False
+    """one_step_off / async: push new weights as soon as the trainer has them, also mid-batch:
+    running requests are paused in place, the weights land, and their remaining tokens come
+    from the new policy (per-token versions recorded). Fresher samples; batch versions then
+    depend on timing."""
 
     @property
     def staleness(self) -> int:
@@ -80,6 +85,9 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         require(self.num_servers >= 1, "`rollout.num_servers` must be >= 1.")
+        require(not self.partial or self.mode != "sync",
+                "`rollout.partial: true` continues requests across a weight sync made while generation runs "
+                "ahead: set `rollout.mode` to one_step_off or async too.")
         require(self.mode in ("sync", "one_step_off", "async"),
                 f"`rollout.mode` is `{self.mode}`: use sync, one_step_off or async.")
         require(self.max_staleness >= 1, "`rollout.max_staleness` must be >= 1 (mode sync has none).")

@@ -95,8 +95,9 @@ class ServerClient:
     async def flush_cache(self) -> None:
         await self.call("POST", "/flush_cache", expect_json=False)
 
-    async def pause_generation(self) -> None:
-        await self.call("POST", "/pause_generation", {})
+    async def pause_generation(self, mode: str = "abort") -> None:
+        """SGLang's modes: abort (end running requests), in_place (freeze them between steps)."""
+        await self.call("POST", "/pause_generation", {"mode": mode})
 
     async def continue_generation(self) -> None:
         await self.call("POST", "/continue_generation", {})
@@ -221,7 +222,7 @@ class RolloutClient:
                    finish_reason=o.finish_type,  # type: ignore[arg-type]
                    matched_stop=o.matched if o.finish_type == "stop" else None, server_url=server,
                    latency_s=latency, attempts=attempts, weight_version=o.weight_version,
-                   metadata=request.metadata)
+                   token_weight_versions=o.token_weight_versions, metadata=request.metadata)
             for i, o in enumerate(outputs)]
 
     async def _call_with_retries(self, rid: str, payload: dict[str, Any], expected: int, *,
@@ -300,8 +301,8 @@ class RolloutClient:
     def num_weight_ranks(self) -> int:
         return sum(s.tp_size for s in self.pool.servers)
 
-    async def pause_generation(self) -> None:
-        await self._each("pause_generation", live_only=True)
+    async def pause_generation(self, mode: str = "abort") -> None:
+        await self._each("pause_generation", mode, live_only=True)
 
     async def continue_generation(self) -> None:
         await self._each("continue_generation", live_only=True)

@@ -52,6 +52,9 @@ class GenerateOutput:
     prompt_tokens: int
     weight_version: str | None
     input_logprobs: list[float | None] | None
+    token_weight_versions: list[str] | None = None
+    """The weight version each output token was generated with, when the server says
+    (``meta_info.output_token_weight_versions``: a partial rollout spans a weight update)."""
 
 
 def generate_payload(
@@ -127,11 +130,16 @@ def parse_generate_item(item: Any, url: str, *, want_input_logprobs: bool = Fals
         input_logprobs = _logprob_list(meta.get("input_token_logprobs"), url, item, "input_token_logprobs", True)
     matched = finish.get("matched")
     version = meta.get("weight_version")
+    token_versions = meta.get("output_token_weight_versions")
+    if token_versions is not None and (not isinstance(token_versions, list) or len(token_versions) != len(output_ids)
+                                       or not all(isinstance(v, str) for v in token_versions)):
+        raise _malformed(url, "`meta_info.output_token_weight_versions` is not one version string per output token",
+                         item)
     return GenerateOutput(
         output_ids=list(output_ids), output_logprobs=logprobs, finish_type=finish["type"],
         matched=matched if isinstance(matched, (int, str)) else None,
         prompt_tokens=prompt_tokens, weight_version=version if isinstance(version, str) else None,
-        input_logprobs=input_logprobs,
+        input_logprobs=input_logprobs, token_weight_versions=token_versions,
     )
 
 

@@ -133,6 +133,9 @@ class Sample:
     """How many servers were tried for this request (1 = no retry)."""
     weight_version: str | None = None
     """The server's weight version when it answered (set by weight updates)."""
+    token_weight_versions: list[str] | None = None
+    """Per response token, the weight version that generated it, when the server reports it
+    (differs within a sample only for a partial rollout continued across a weight update)."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """The request's metadata."""
 

@@ -113,7 +113,8 @@ class Generator:
             response_ids=list(sample.response_ids), rollout_logprobs=list(sample.response_logprobs),
             finish_reason=sample.finish_reason, data_source=problem.data_source, score=float(grade.score),
             reward=float(grade.score), grade_tag=grade.reason, trainable=True,
-            weight_version=sample.weight_version, extra={"text": text})
+            weight_version=sample.weight_version, token_versions=sample.token_weight_versions,
+            extra={"text": text})
 
     async def _group(self, problem, n: int, step: int, round_: int, eval_mode: bool,
                      counts: Counter) -> list[ScoredSample] | None:

@@ -31,6 +31,25 @@ log = logging.getLogger("megatron_rl.train")
 EVAL_STEP_SEED = 1 << 30  # eval seeds do not depend on the training step: same draws every time
 
 
+class InPlacePause:
+    """The rollout client as a weight receiver for partial rollouts: generation is paused in
+    place (running requests keep their state and continue on the new weights) and the prefix
+    cache is not flushed (it holds those requests' KV; SGLang refuses a flush while requests
+    run). New prompts may then reuse prefix KV computed by the older weights."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def __getattr__(self, name: str):
+        return getattr(self.client, name)
+
+    async def pause_generation(self) -> None:
+        await self.client.pause_generation(mode="in_place")
+
+    async def flush_cache(self) -> None:
+        return None
+
+
 class StopRequested:
     """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the end of the step and exits 0."""
 
@@ -225,7 +244,8 @@ class Trainer:
             return
         first = max([s.start_step - 1, *self.buffered]) + 1
         self.pipeline = RolloutPipeline(self.generate_batch, next_step=first, num_steps=cfg.train.num_steps,
-                                        staleness=cfg.rollout.staleness, server_version=s.start_step)
+                                        staleness=cfg.rollout.staleness, server_version=s.start_step,
+                                        partial=cfg.rollout.partial)
         s.run(self.pipeline.start())
 
     def stop_pipeline(self) -> None:
@@ -245,7 +265,7 @@ class Trainer:
         synced = False
         try:
             self.s.drop_dead_servers()
-            self.sync(version)
+            self.sync(version, in_place=self.cfg.rollout.partial)
             synced = True
         finally:
             if s.rank0 and p is not None:
@@ -329,16 +349,18 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ services
-    def sync(self, version_step: int) -> None:
+    def sync(self, version_step: int, *, in_place: bool = False) -> None:
         """Send the actor's weights to every live server. A server that died (mid-step or
-        mid-sync) is dropped and the weight group reopened with the survivors, once."""
+        mid-sync) is dropped and the weight group reopened with the survivors, once.
+        ``in_place``: running requests are frozen, not aborted, and continue on the new weights."""
         from megatron_rl.weights.actor_sync import sync_actor_weights
 
         s, cfg = self.s, self.cfg
+        receiver = (InPlacePause(s.client) if in_place else s.client) if s.rank0 else None
         for attempt in range(2):
             try:
                 s.run(sync_actor_weights(
-                    s.actor.model[0], s.dims, s.topo, s.client if s.rank0 else None, sender=s.sender,
+                    s.actor.model[0], s.dims, s.topo, receiver, sender=s.sender,
                     bucket_bytes=cfg.rollout.bucket_size_mb << 20, transport=cfg.rollout.sync_transport,
                     disk_dir=s.out_dir / "sync", weight_version=f"step{version_step}"))
                 return

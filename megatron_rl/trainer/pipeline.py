@@ -63,11 +63,24 @@ def version_of(weight_version: str | None, default: int) -> int:
     return default
 
 
+def oldest_version(s: ScoredSample, batch_version: int) -> int:
+    """The oldest weights that generated any of the sample's tokens: from the per-token versions
+    when the server reports them, else the batch's (the weights when its generation started;
+    ``weight_version`` is the version at the *end*, newer after a partial rollout's sync)."""
+    if s.token_versions:
+        return min(version_of(v, batch_version) for v in s.token_versions)
+    return batch_version
+
+
 def staleness_metrics(step: int, batch_version: int, groups: list[list[ScoredSample]]) -> dict[str, float]:
-    """How many versions behind the trainer (at version ``step``) the samples were generated."""
-    lags = [step - version_of(s.weight_version, batch_version) for g in groups for s in g] or [step - batch_version]
+    """How many versions behind the trainer (at version ``step``) the samples were generated:
+    a sample counts with its oldest token; ``rollout/partial_samples``: samples whose tokens
+    span a weight update."""
+    samples = [s for g in groups for s in g]
+    lags = [step - oldest_version(s, batch_version) for s in samples] or [step - batch_version]
+    spanning = sum(1 for s in samples if s.token_versions and len(set(s.token_versions)) > 1)
     return {"rollout/staleness_max": float(max(lags)), "rollout/staleness_mean": sum(lags) / len(lags),
-            "rollout/weight_version": float(batch_version)}
+            "rollout/weight_version": float(batch_version), "rollout/partial_samples": float(spanning)}
 
 
 @dataclass
@@ -80,6 +93,8 @@ class RolloutPipeline:
     num_steps: int
     staleness: int
     server_version: int
+    partial: bool = False
+    """Syncs may land while a batch is in flight (its requests paused in place, not aborted)."""
     ready: dict[int, Batch] = field(default_factory=dict)
     busy: bool = False
     hold: int = 0
@@ -134,7 +149,7 @@ class RolloutPipeline:
         async with self.cond:
             blocked = (self.next_step >= self.num_steps
                        or self.next_step - self.server_version > self.staleness)
-            if self.busy or not blocked or version <= self.server_version:
+            if version <= self.server_version or (not self.partial and (self.busy or not blocked)):
                 return False
             self.hold += 1
             return True

@@ -34,6 +34,10 @@ class ScoredSample:
     trainable: bool = True
     """False when the sample is masked out of the loss (grader failure, overlong filter)."""
     weight_version: str | None = None
+    """The server's weight version when the sample finished."""
+    token_versions: list[str] | None = None
+    """Per response token, its weight version (a partial rollout spans syncs); None when the
+    server does not report it (then every token has ``weight_version``)."""
     extra: dict = field(default_factory=dict)
 
     @property

@@ -119,9 +119,16 @@ def test_a_checkpointed_batch_round_trips_through_json():
     assert back.step == 4 and back.version == 3 and back.groups == b.groups and back.metrics == b.metrics
 
 
-def test_staleness_metrics_read_the_samples_versions():
-    m = staleness_metrics(5, 4, [[sample(4), sample(3)]])
-    assert m["rollout/staleness_max"] == 2 and m["rollout/staleness_mean"] == 1.5
+def test_staleness_counts_each_sample_by_its_oldest_token():
+    spanning = sample(4)
+    spanning.token_versions = ["step3", "step3", "step4"]  # a partial rollout across one sync
+    m = staleness_metrics(5, 3, [[sample(4), spanning]])
+    # No per-token versions: the batch's start version (3), not the finish version (4).
+    assert m["rollout/staleness_max"] == 2 and m["rollout/staleness_mean"] == 2
+    assert m["rollout/partial_samples"] == 1
+    fresh = sample(5)
+    fresh.token_versions = ["step5"]
+    assert staleness_metrics(5, 4, [[fresh]])["rollout/staleness_max"] == 0
     assert staleness_metrics(2, 2, [[sample(2)]])["rollout/staleness_max"] == 0
 
 
