@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,17 @@ import torch
 from megatron_rl.rollout.sampling import BadRequest, RequestParams, sample_rows, seeded_uniform
 
 log = logging.getLogger(__name__)
+
+
+TokenHook = Callable[["Job", int, float], None]
+"""``on_token(job, token_id, logprob)``: called by the scheduler thread for every new token of a job.
+
+It runs after the token, its log-prob and its weight version are appended to ``job.output_ids``
+/ ``output_logprobs`` / ``output_versions`` and before ``job.done`` resolves (so the last token's
+call comes before the future completes; a job aborted or finished without a new token gets no
+call: wait on ``job.done`` for the end). It must return quickly and never block (it runs between
+decode steps); from asyncio, hand over with ``loop.call_soon_threadsafe``. An exception it raises
+is logged and the hook is dropped for that job; generation goes on."""
 
 
 @dataclass
@@ -52,10 +63,16 @@ class Job:
     done: Future = field(default_factory=Future)
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_versions: list[str] = field(default_factory=list)
+    """The weight version of the forward that produced each output token (one per output id)."""
     input_logprobs: list[float | None] = field(default_factory=list)
     finish: dict[str, Any] | None = None
     abort_message: str | None = None
     start: float = field(default_factory=time.perf_counter)
+    on_token: TokenHook | None = None
+    """Per-token hook (see ``TokenHook``); None = nobody listens."""
+    weight_version: str | None = None
+    """The engine's weight version when the job finished (SGLang's ``meta_info.weight_version``)."""
 
 
 @dataclass
@@ -67,6 +84,8 @@ class Group:
     cache: Any
     mask_BL: torch.Tensor
     pos_B1: torch.Tensor
+    version: str
+    """The weight version of the forward that produced ``logits_BV``."""
 
 
 class EmbeddedEngine:
@@ -102,8 +121,10 @@ class EmbeddedEngine:
 
     # ----------------------------------------------------------------- requests
     def submit(self, prompt: list[int], params: RequestParams, *, rid: str, return_logprob: bool = False,
-               logprob_start_len: int = -1) -> list[Future]:
-        """Queue ``params.n`` jobs for one prompt; BadRequest if the prompt cannot be served."""
+               logprob_start_len: int = -1, on_token: TokenHook | None = None) -> list[Future]:
+        """Queue ``params.n`` jobs for one prompt; BadRequest if the prompt cannot be served.
+
+        ``on_token`` is called for each new token of each of the n jobs (see ``TokenHook``)."""
         if not prompt:
             raise BadRequest("input_ids is empty: a prompt needs at least one token.")
         bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
@@ -120,7 +141,8 @@ class EmbeddedEngine:
             raise BadRequest(f"logprob_start_len ({logprob_start_len}) must be < the prompt length ({len(prompt)}).")
         # The n copies share params, so one seed: identical samples, as SGLang's copies.
         jobs = [Job(rid=rid if params.n == 1 else f"{rid}-{i}", parent_rid=rid, prompt=list(prompt),
-                    params=params, return_logprob=return_logprob, logprob_start_len=logprob_start_len)
+                    params=params, return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                    on_token=on_token)
                 for i in range(params.n)]
         with self._cv:
             if self._stopping:
@@ -257,6 +279,7 @@ class EmbeddedEngine:
     # ----------------------------------------------------------------- scheduler
     def _finish(self, job: Job, finish: dict[str, Any]) -> None:
         job.finish = finish
+        job.weight_version = self.weight_version
         if not job.done.done():
             job.done.set_result(job)
 
@@ -320,6 +343,7 @@ class EmbeddedEngine:
         with self._model_lock, torch.no_grad():
             out = self.model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=pos_BL,
                              use_cache=decoding, logits_to_keep=0 if scoring else 1)
+            version = self.weight_version
         if scoring:
             self._score_prompts(jobs, out.logits, width)
         for job in jobs:
@@ -331,7 +355,7 @@ class EmbeddedEngine:
         if len(keep) < len(jobs):
             out.past_key_values.batch_select_indices(keep)
         return Group([jobs[r] for r in keep.tolist()], out.logits[keep, -1, :], out.past_key_values,
-                     mask_BL[keep], pos_BL[keep, -1:])
+                     mask_BL[keep], pos_BL[keep, -1:], version)
 
     def _score_prompts(self, jobs: list[Job], logits_BLV: torch.Tensor, width: int) -> None:
         """SGLang's input_token_logprobs: position p holds log p(prompt[p] | prompt[:p]); p = 0 is None."""
@@ -374,8 +398,7 @@ class EmbeddedEngine:
             if job.abort_message:
                 self._finish(job, {"type": "abort", "message": job.abort_message})
                 continue
-            job.output_ids.append(tokens[row])
-            job.output_logprobs.append(logprobs[row])
+            _append_token(job, tokens[row], logprobs[row], g.version)
             reason = self._stop_reason(job, tokens[row])
             if reason is not None:
                 self._finish(job, reason)
@@ -393,8 +416,22 @@ class EmbeddedEngine:
         with self._model_lock, torch.no_grad():
             out = self.model(input_ids=next_B1, attention_mask=g.mask_BL, position_ids=g.pos_B1,
                              past_key_values=g.cache, use_cache=True)
+            g.version = self.weight_version
         g.logits_BV = out.logits[:, -1, :]
         return True
+
+
+def _append_token(job: Job, token: int, logprob: float, version: str) -> None:
+    """Record one new token of ``job`` and tell its hook (a failing hook is dropped, not fatal)."""
+    job.output_ids.append(token)
+    job.output_logprobs.append(logprob)
+    job.output_versions.append(version)
+    if job.on_token is not None:
+        try:
+            job.on_token(job, token, logprob)
+        except Exception:  # noqa: BLE001 - a listener's bug must not end the generation
+            log.exception("on_token hook of job %s failed; dropped", job.rid)
+            job.on_token = None
 
 
 def _load_tokenizer(model_path: str) -> Any:

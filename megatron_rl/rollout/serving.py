@@ -118,7 +118,10 @@ def meta_info(job: Job, sub: Submission, engine: EmbeddedEngine, *, finish: dict
     """SGLang's ``meta_info`` after ``count`` output tokens (log-probs cumulative, as SGLang sends them)."""
     meta: dict[str, Any] = {
         "id": job.rid, "finish_reason": finish, "prompt_tokens": len(job.prompt),
-        "weight_version": engine.weight_version,
+        # SGLang's: the version when the job finished (the engine's current one while it runs)
+        "weight_version": job.weight_version if finish is not None and job.weight_version else engine.weight_version,
+        # ours (partial rollouts): the version of the weights that produced each output token
+        "output_token_weight_versions": list(job.output_versions[:count]),
     }
     if job.return_logprob:
         start = max(job.logprob_start_len, 0)

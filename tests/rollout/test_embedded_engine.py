@@ -151,3 +151,33 @@ def test_pause_in_place_then_continue_finishes_normally(engine):
     engine.pause("abort")
     assert aborted.result(timeout=WAIT).finish["type"] == "abort"
     engine.resume()
+
+
+def test_on_token_hook_sees_every_token_before_the_future_completes(engine):
+    seen, done_at_call = [], []
+
+    def hook(job, token, logprob):
+        seen.append((job.rid, token, logprob))
+        done_at_call.append(job.done.done())
+
+    params = parse_sampling_params({"temperature": 1.0, "max_new_tokens": 7, "n": 2, "sampling_seed": 5},
+                                   engine.vocab_size)
+    futures = engine.submit(PROMPT, params, rid="hooked", return_logprob=True, on_token=hook)
+    jobs = [f.result(timeout=WAIT) for f in futures]
+    for job in jobs:
+        assert [(t, lp) for r, t, lp in seen if r == job.rid] == list(zip(job.output_ids, job.output_logprobs))
+        assert job.output_versions == [engine.weight_version] * 7 and job.weight_version == engine.weight_version
+    assert not any(done_at_call)
+
+
+def test_a_failing_hook_is_dropped_and_generation_goes_on(engine):
+    calls = []
+
+    def bad(job, token, logprob):
+        calls.append(token)
+        raise RuntimeError("listener bug")
+
+    params = parse_sampling_params({"temperature": 0, "max_new_tokens": 5}, engine.vocab_size)
+    (future,) = engine.submit(PROMPT, params, rid="bad-hook", on_token=bad)
+    job = future.result(timeout=WAIT)
+    assert len(calls) == 1 and len(job.output_ids) == 5 and job.finish["type"] == "length"
