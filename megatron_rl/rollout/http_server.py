@@ -123,10 +123,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if stream not in (None, True, False):
         raise BadRequest(f"`stream` must be true or false, got {stream!r}.")
     subs, is_batch = _submissions(body, engine)
-    queued = submit(engine, subs)
     single = not is_batch and subs[0].params.n == 1
     if stream:
-        return await stream_generate(request, engine, queued, indexed=not single)
+        return await stream_generate(request, engine, subs, indexed=not single)
+    queued = submit(engine, subs)
     jobs = await wait_all(engine, queued)
     replies = [generate_reply(job, sub, engine) for job, (sub, _) in zip(jobs, queued)]
     return web.json_response(replies[0] if single else replies)

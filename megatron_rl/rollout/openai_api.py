@@ -40,7 +40,7 @@ from megatron_rl.rollout.serving import (
     submit,
     wait_all,
 )
-from megatron_rl.rollout.streaming import merged_chunks, open_sse, send_event
+from megatron_rl.rollout.streaming import TokenNotifier, merged_chunks, open_sse, send_event
 
 # OpenAI/SGLang fields copied into sampling_params under SGLang's name (None = not given).
 _SAMPLING_FIELDS = {
@@ -252,13 +252,14 @@ def add_openai_routes(app: web.Application, engine_key: web.AppKey) -> None:
 async def _serve(request: web.Request, engine: EmbeddedEngine, body: dict[str, Any], subs: list[Submission],
                  form: fmt.Format) -> web.StreamResponse:
     stream, include_usage = bool_field(body, "stream"), _stream_options(body)
-    queued = submit(engine, subs)
     if not stream:
-        jobs = await wait_all(engine, queued)
+        jobs = await wait_all(engine, submit(engine, subs))
         return web.json_response(form.response(jobs, int(time.time())))
+    notifier = TokenNotifier()
+    queued = submit(engine, subs, notifier.on_token)
     resp = await open_sse(request)
     try:
-        async for index, chunk in merged_chunks(engine, queued):
+        async for index, chunk in merged_chunks(engine, queued, notifier):
             for event in form.chunk_events(index, chunk):
                 await send_event(resp, event)
         for event in form.closing_events(include_usage):

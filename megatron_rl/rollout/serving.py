@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from megatron_rl.rollout.detokenize import TextOptions, final_text, text_options
-from megatron_rl.rollout.engine import EmbeddedEngine, Job
+from megatron_rl.rollout.engine import EmbeddedEngine, Job, TokenHook
 from megatron_rl.rollout.sampling import BadRequest, RequestParams, parse_sampling_params
 
 _NO_EFFECT = ("custom_params",)
@@ -79,13 +79,15 @@ def request_ids(rid: Any, count: int) -> list[str]:
     return [str(rid)] if count == 1 else [f"{rid}-{i}" for i in range(count)]
 
 
-def submit(engine: EmbeddedEngine, subs: list[Submission]) -> list[tuple[Submission, Future]]:
-    """Queue every submission's jobs; on a refusal abort what was queued and re-raise."""
+def submit(engine: EmbeddedEngine, subs: list[Submission], on_token: TokenHook | None = None
+           ) -> list[tuple[Submission, Future]]:
+    """Queue every submission's jobs (``on_token``: the engine's per-token hook, for streams);
+    on a refusal abort what was queued and re-raise."""
     queued: list[tuple[Submission, Future]] = []
     try:
         for sub in subs:
             futures = engine.submit(sub.prompt, sub.params, rid=sub.rid, return_logprob=sub.return_logprob,
-                                    logprob_start_len=sub.logprob_start_len)
+                                    logprob_start_len=sub.logprob_start_len, on_token=on_token)
             queued += [(sub, f) for f in futures]
     except BadRequest:
         abort_all(engine, subs, "Aborted: another prompt of the request was refused")

@@ -14,8 +14,8 @@ string (see ``detokenize``). An error inside the stream is sent as
 ``data: {"error": {"message": ...}}`` before ``[DONE]``.
 
 Chunks are emitted per token even when several tokens arrive at once, so the stream's
-content does not depend on timing. Token progress comes from the engine's per-job hook when
-it has one, else the job is polled (see ``JobFeed``).
+content does not depend on timing. Token progress comes from the engine's per-job hook
+(``on_token``, called on the scheduler thread) through ``TokenNotifier``; nothing polls.
 """
 
 from __future__ import annotations
@@ -31,95 +31,89 @@ from aiohttp import web
 
 from megatron_rl.rollout.detokenize import IncrementalText
 from megatron_rl.rollout.engine import EmbeddedEngine, Job
-from megatron_rl.rollout.serving import Submission, abort_all, meta_info
+from megatron_rl.rollout.serving import Submission, abort_all, meta_info, submit
 
 log = logging.getLogger(__name__)
-POLL_S = 0.005  # polling period of JobFeed when the engine has no per-token hook
 
 
-class _Ticker:
-    """One wake-up every ``POLL_S`` for all the feeds of an event loop, while any waits.
+class TokenNotifier:
+    """The bridge from the engine's scheduler thread to the event loop, for one request's jobs.
 
-    The fallback when the engine has no per-token hook: polling costs one timer per loop,
-    not one per streamed job.
+    ``on_token`` is the engine hook: it records the job (keyed by its future) and wakes that
+    job's feed. A feed registers before it first looks, and looks before it sleeps, so a
+    token that comes before the feed exists is seen, and one that comes later wakes it.
     """
 
-    _by_loop: dict[asyncio.AbstractEventLoop, _Ticker] = {}
-
     def __init__(self) -> None:
-        self.tick = asyncio.Event()
-        self.waiting = 0
-        self.task: asyncio.Task | None = None
+        self.loop = asyncio.get_running_loop()
+        self.jobs: dict[Future, Job] = {}
+        self.events: dict[Future, asyncio.Event] = {}
 
-    @classmethod
-    def of_running_loop(cls) -> _Ticker:
-        loop = asyncio.get_running_loop()
-        for old in [lp for lp in cls._by_loop if lp.is_closed()]:
-            del cls._by_loop[old]
-        return cls._by_loop.setdefault(loop, cls())
+    def on_token(self, job: Job, token: int, logprob: float) -> None:  # scheduler thread
+        self.jobs[job.done] = job
+        event = self.events.get(job.done)
+        if event is not None:
+            self._wake(event)
 
-    async def _run(self) -> None:
-        while self.waiting:
-            await asyncio.sleep(POLL_S)
-            self.tick.set()
-            self.tick = asyncio.Event()
-        self.task = None
-
-    async def wait(self) -> None:
-        self.waiting += 1
-        if self.task is None:
-            self.task = asyncio.get_running_loop().create_task(self._run())
+    def _wake(self, event: asyncio.Event) -> None:
         try:
-            await self.tick.wait()
-        finally:
-            self.waiting -= 1
+            self.loop.call_soon_threadsafe(event.set)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def feed(self, future: Future) -> JobFeed:
+        event = asyncio.Event()
+        self.events[future] = event
+        future.add_done_callback(lambda _: self._wake(event))
+        return JobFeed(self, future, event)
 
 
 class JobFeed:
-    """Waits for new tokens of one job, from inside the event loop."""
+    """Waits, inside the event loop, for new tokens or the end of one job."""
 
-    def __init__(self, engine: EmbeddedEngine, future: Future):
-        self.engine, self.future = engine, future
-        self.job: Job | None = None
-        self.ticker = _Ticker.of_running_loop()
+    def __init__(self, notifier: TokenNotifier, future: Future, event: asyncio.Event):
+        self.notifier, self.future, self.event = notifier, future, event
 
-    def _find(self) -> Job | None:
-        if self.future.done():
-            return self.future.result()  # raises the engine's exception, if any
-        with self.engine._cv:  # the scheduler moves jobs between these under this lock
-            for job in [*self.engine._pending, *self.engine._running]:
-                if job.done is self.future:
-                    return job
-        return None
-
-    def available(self, job: Job) -> int:
-        """Tokens whose log-probs are in too (the scheduler appends ids first)."""
-        count = len(job.output_ids)
-        return min(count, len(job.output_logprobs)) if job.return_logprob else count
+    @staticmethod
+    def available(job: Job) -> int:
+        """Tokens recorded in full: the scheduler appends the id, then its log-prob and version."""
+        return min(len(job.output_ids), len(job.output_logprobs), len(job.output_versions))
 
     async def wait(self, seen: int) -> Job:
-        """The job once it has more than ``seen`` tokens or is finished."""
+        """The job once it has more than ``seen`` tokens or is finished (raises the engine's error)."""
         while True:
-            if self.job is None:
-                self.job = self._find()
-            if self.job is not None and (self.future.done() or self.available(self.job) > seen):
-                if self.future.done():
-                    self.future.result()
-                return self.job
-            await self.ticker.wait()
+            if self.future.done():
+                return self.future.result()
+            job = self.notifier.jobs.get(self.future)
+            if job is not None and self.available(job) > seen:
+                return job
+            await self.event.wait()
+            self.event.clear()
 
 
-async def job_chunks(engine: EmbeddedEngine, future: Future, sub: Submission) -> AsyncIterator[dict[str, Any]]:
+def _may_finish(engine: EmbeddedEngine, job: Job, count: int) -> bool:
+    """Whether the ``count``-th token can end the job (a superset of the engine's token rules).
+
+    The hook runs before the engine decides, so such a token's chunk waits for the next
+    token or the finish: sent early, a stop token's text would be out before it is trimmed.
+    Stop strings need no case here: ``may_stream`` holds any tail that contains one.
+    """
+    token = job.output_ids[count - 1]
+    return count >= job.params.max_new_tokens or token in job.params.stop_token_ids or token in engine.eos_ids
+
+
+async def job_chunks(engine: EmbeddedEngine, feed: JobFeed, sub: Submission) -> AsyncIterator[dict[str, Any]]:
     """SGLang's streamed reply objects for one job, the last one with its finish reason."""
-    feed, state, sent, seen = JobFeed(engine, future), None, 0, 0
+    future, state, sent, emitted, observed = feed.future, None, 0, 0, 0
     while True:
-        job = await feed.wait(seen)
+        job = await feed.wait(observed)
         if state is None and engine.tokenizer is not None:
             state = IncrementalText(engine.tokenizer, job.prompt, sub.options)
         finished = future.done()
-        total = len(job.output_ids) if finished else feed.available(job)
-        last = total if finished else total + 1  # the finishing token goes out with the finish reason
-        for count in range(seen + 1, last):
+        observed = len(job.output_ids) if finished else feed.available(job)
+        # the finishing token goes out with the finish reason; a token that may finish waits
+        ready = observed - 1 if finished or _may_finish(engine, job, observed) else observed
+        for count in range(emitted + 1, ready + 1):
             ids = job.output_ids[:count]
             if state is not None and not state.may_stream(ids):
                 continue
@@ -129,11 +123,11 @@ async def job_chunks(engine: EmbeddedEngine, future: Future, sub: Submission) ->
             yield {"text": text, "output_ids": ids[sent:],
                    "meta_info": meta_info(job, sub, engine, finish=None, count=count, latency=False)}
             sent = count
-        seen = total
+        emitted = max(emitted, ready)
         if finished:
             text = state.update(job.output_ids, job.finish) if state is not None else ""
             yield {"text": text, "output_ids": job.output_ids[sent:],
-                   "meta_info": meta_info(job, sub, engine, finish=job.finish, count=total, latency=True)}
+                   "meta_info": meta_info(job, sub, engine, finish=job.finish, count=observed, latency=True)}
             return
 
 
@@ -141,15 +135,15 @@ def _interval_ok(count: int, interval: int) -> bool:
     return count % interval == 1 if interval > 1 else True
 
 
-async def merged_chunks(engine: EmbeddedEngine, queued: list[tuple[Submission, Future]]
+async def merged_chunks(engine: EmbeddedEngine, queued: list[tuple[Submission, Future]], notifier: TokenNotifier
                         ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-    """(sample index, chunk) of every job as they come; the generators are closed on exit."""
+    """(sample index, chunk) of every job as they come (jobs submitted with ``notifier.on_token``)."""
     out: asyncio.Queue = asyncio.Queue()
     done = object()
 
     async def pump(index: int, sub: Submission, future: Future) -> None:
         try:
-            async for chunk in job_chunks(engine, future, sub):
+            async for chunk in job_chunks(engine, notifier.feed(future), sub):
                 await out.put((index, chunk))
         except Exception as e:  # noqa: BLE001 - an engine failure ends this sample's stream with an error
             log.exception("streamed job %s failed", sub.rid)
@@ -185,12 +179,14 @@ async def send_event(resp: web.StreamResponse, data: Any) -> None:
     await resp.write(f"data: {text}\n\n".encode())
 
 
-async def stream_generate(request: web.Request, engine: EmbeddedEngine,
-                          queued: list[tuple[Submission, Future]], indexed: bool) -> web.StreamResponse:
+async def stream_generate(request: web.Request, engine: EmbeddedEngine, subs: list[Submission],
+                          indexed: bool) -> web.StreamResponse:
     """/generate with ``stream: true``; a client that hangs up aborts every job of the request."""
+    notifier = TokenNotifier()
+    queued = submit(engine, subs, notifier.on_token)
     resp = await open_sse(request)
     try:
-        async for index, chunk in merged_chunks(engine, queued):
+        async for index, chunk in merged_chunks(engine, queued, notifier):
             if indexed:
                 chunk["index"] = index
             await send_event(resp, chunk)
