@@ -101,3 +101,18 @@ def test_stream_keeps_special_tokens_when_asked(echo_engine):
         return await post_sse(session, base + "/generate", request)
     _, _, events = serve(echo_engine, body)
     assert [c["text"] for c in events[:-1]] == [EOS, EOS + EOS]
+
+
+def test_stream_never_sends_a_stop_token_it_trims(echo_engine):
+    eos = echo_engine.tokenizer.convert_tokens_to_ids(EOS)
+    requests = [  # (request, the one chunk's text): the stop token / EOS is trimmed, never streamed first
+        ({"input_ids": [1879], "sampling_params": {"stop_token_ids": [1879], "max_new_tokens": 4}}, ""),
+        ({"input_ids": [eos], "sampling_params": {"skip_special_tokens": False}}, ""),
+        ({"input_ids": [eos], "sampling_params": {"skip_special_tokens": False, "no_stop_trim": True}}, EOS),
+    ]
+
+    async def body(session, base):
+        return [await post_sse(session, base + "/generate", {**r, "stream": True}) for r, _ in requests]
+    for (_, _, events), (request, text) in zip(serve(echo_engine, body), requests):
+        assert [c["text"] for c in events[:-1]] == [text], request
+        assert events[-2]["meta_info"]["finish_reason"]["type"] == "stop"
