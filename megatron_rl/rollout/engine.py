@@ -1,22 +1,49 @@
-"""The embedded CPU engine: a ``transformers`` causal LM (fp32) with batched generation.
+"""The embedded CPU engine: a ``transformers`` causal LM (fp32) with continuous batching.
 
-One scheduler thread owns the model's forward passes. Requests queue up; the thread takes
-what is waiting (after a short window so concurrent arrivals share a batch), prefills it
-left-padded in one forward, then decodes step by step with a KV cache, dropping finished
-rows from the cache as they finish. Requests that arrive mid-batch wait for the next one.
-Between steps it honours aborts and pauses, and weight loads take the same model lock, so
-an update lands between two steps, never inside one. The HTTP layer (``http_server``) and
-the weight-update receivers run in other threads and only call the public methods here.
+One scheduler thread owns the model's forward passes; the HTTP layer (``http_server``) and
+the weight receivers run in other threads and only call the public methods here. Each
+scheduler step (``_iteration``):
 
-Deterministic mode (``deterministic=True``, ``--deterministic``): each seeded job runs in
-forwards of its own (one row, no padding), interleaved step by step with the others, because
-CPU matmuls round differently with the number of rows and attention with the padded width
-(measured: a prompt's logits alone and in any batch, even of 8 copies of itself, differ in
-the last bits). With the counter-based draw of ``sampling``, its tokens and log-probs are
-then a function of the request, the weights and the torch build only. Unseeded jobs still
-share one batch.
+1. serves aborts: an aborted job ends at once with the tokens it has (its row leaves);
+2. admits waiting jobs (oldest first, up to ``max_batch_size`` running) into a *prefill*: their
+   prompts, left-padded (``batching.Prefill``); when the engine was idle it first waits
+   ``batch_wait_s`` so requests sent together share one prefill;
+3. feeds prompt chunks of at most ``chunked_prefill_size`` tokens (rows x columns) in all, so
+   a long prompt delays the running rows by one chunk per step, never by its whole prefill; a
+   prefill whose prompt is all fed samples its first tokens and its rows **join the running
+   batch** (their left-padded KV cache merged into the batch's, ``batching.merge``);
+4. runs one decode forward of the running batch and samples one token per row; rows that
+   finish (stop token, stop string, length) **leave at once** and the cache columns nobody
+   needs any more are cut.
 
-Legend: B = rows, L = padded prompt length, V = vocabulary.
+Models whose cache is not plain full attention (sliding window, ...) cannot merge rows:
+newcomers then wait until the running batch is empty (static batches).
+
+Deterministic mode (``deterministic=True``, ``--deterministic``): each seeded job is prefilled
+(in the same fixed chunks from position 0) and decoded in forwards of its own (one row, no
+padding), interleaved step by step with the shared batch, because CPU matmuls round
+differently with the number of rows and attention with the padded width (measured: a
+prompt's logits alone and in any batch, even of 8 copies of itself, differ in the last bits).
+With the counter-based draw of ``sampling``, its tokens and log-probs are then a function of
+the request, the weights, ``chunked_prefill_size`` and the torch build only. Unseeded jobs
+share the batch.
+
+Pauses and weight updates (partial rollouts): ``pause("in_place")`` freezes every job between
+two forwards: each forward checks the flag under the model lock, and weight loads take the
+same lock, so an update lands between two forwards, never inside one. Frozen jobs keep their
+KV cache (computed by the old weights; not recomputed, as SGLang) and their sampled tokens;
+after ``resume`` every forward runs on the new weights. ``Job.output_versions`` records, per
+output token, the ``weight_version`` of the forward that produced its logits (exact when the
+update happens while paused; an update without a pause may label the tokens of the forwards
+between the load and the version change with the old version).
+
+Per-token hook (``TokenHook``, for streaming): ``submit(..., on_token=f)`` calls
+``f(job, token_id, logprob)`` in the scheduler thread for every new token of each of the
+request's jobs, after the token, its log-prob and its version are appended to the job and
+before ``job.done`` resolves. Keep it short and non-blocking (from asyncio:
+``loop.call_soon_threadsafe``); the end of a job is ``job.done``.
+
+Legend: B = rows, L = padded prompt length, T = cache width, V = vocabulary.
 """
 
 from __future__ import annotations
@@ -34,6 +61,7 @@ from typing import Any
 
 import torch
 
+from megatron_rl.rollout.batching import Prefill, Rows, merge, mergeable
 from megatron_rl.rollout.sampling import BadRequest, RequestParams, sample_rows, seeded_uniform
 
 log = logging.getLogger(__name__)
@@ -50,9 +78,9 @@ decode steps); from asyncio, hand over with ``loop.call_soon_threadsafe``. An ex
 is logged and the hook is dropped for that job; generation goes on."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
-    """One sequence to generate (a request with n samples is n jobs)."""
+    """One sequence to generate (a request with n samples is n jobs); compared by identity."""
 
     rid: str
     parent_rid: str
@@ -75,25 +103,17 @@ class Job:
     """The engine's weight version when the job finished (SGLang's ``meta_info.weight_version``)."""
 
 
-@dataclass
-class Group:
-    """Rows that share forward passes (one KV cache): a whole batch, or one seeded job."""
-
-    jobs: list[Job]
-    logits_BV: torch.Tensor
-    cache: Any
-    mask_BL: torch.Tensor
-    pos_B1: torch.Tensor
-    version: str
-    """The weight version of the forward that produced ``logits_BV``."""
-
-
 class EmbeddedEngine:
     """A CPU generation engine with SGLang's sampling and weight-update semantics."""
 
     def __init__(self, model_path: str, *, max_batch_size: int = 64, seed: int | None = None,
-                 batch_wait_s: float = 0.005, original_logprobs: bool = False, deterministic: bool = False):
+                 batch_wait_s: float = 0.005, original_logprobs: bool = False, deterministic: bool = False,
+                 chunked_prefill_size: int = 512):
         from transformers import AutoModelForCausalLM
+
+        if max_batch_size < 1 or chunked_prefill_size < 1:
+            raise ValueError(f"max_batch_size ({max_batch_size}) and chunked_prefill_size ({chunked_prefill_size}) "
+                             "must be at least 1.")
 
         self.model_path = model_path
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
@@ -116,6 +136,12 @@ class EmbeddedEngine:
         self._paused = False
         self._stopping = False
         self._groups: dict[str, Any] = {}
+        # Scheduler state, touched by the scheduler thread only (``_running`` mirrors it for others).
+        self.chunked_prefill_size = chunked_prefill_size
+        self._mergeable = mergeable(self.model.config)
+        self._prefills: list[Prefill] = []
+        self._batch: Rows | None = None
+        self._solos: list[Rows] = []
         self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
         self._thread.start()
 
@@ -165,11 +191,17 @@ class EmbeddedEngine:
         return len(hits)
 
     def pause(self, mode: str = "abort") -> None:
-        """Stop generating: ``abort`` ends running/queued jobs; ``in_place`` freezes them."""
+        """Stop generating: ``abort`` ends running/queued jobs; ``in_place`` freezes them.
+
+        Frozen jobs keep their KV cache and sampled tokens; no forward starts until ``resume``
+        (the one in flight, if any, ends first: weight loads wait for it on the model lock).
+        Weights loaded meanwhile apply to every later forward: a frozen job continues on them
+        with its cache as it is (computed by the old weights, not recomputed, as SGLang does)."""
         if mode not in ("abort", "in_place"):
             raise BadRequest(f"pause mode must be 'abort' or 'in_place', got {mode!r}.")
         with self._cv:
             self._paused = True
+            self._cv.notify_all()
         if mode == "abort":
             self.abort(abort_all=True, message="Aborted by /pause_generation")
 
@@ -280,93 +312,199 @@ class EmbeddedEngine:
     def _finish(self, job: Job, finish: dict[str, Any]) -> None:
         job.finish = finish
         job.weight_version = self.weight_version
+        with self._cv:  # out of the running list before its future resolves: readers never see it stale
+            if job in self._running:
+                self._running.remove(job)
         if not job.done.done():
             job.done.set_result(job)
 
-    def _take_batch(self) -> list[Job]:
+    def _parts(self) -> list[Prefill | Rows]:
+        return [*self._prefills, *([self._batch] if self._batch else []), *self._solos]
+
+    def _publish(self) -> None:
+        """Refresh ``_running`` (read by /get_load, streaming, abort) from the scheduler's parts."""
         with self._cv:
-            while not self._stopping and (self._paused or not self._pending):
-                self._cv.wait()
-            if self._stopping:
-                return []
-        time.sleep(self.batch_wait_s)  # let requests sent together share the batch
-        with self._cv:
-            batch = []
-            while self._pending and len(batch) < self.max_batch_size:
-                batch.append(self._pending.popleft())
-            self._running = list(batch)
-        return batch
+            self._running = [j for part in self._parts() for j in part.jobs]
 
     def _loop(self) -> None:
-        while not self._stopping:
-            jobs = self._take_batch()
-            if not jobs:
-                continue
+        while self._wait_for_work():
             try:
-                self._run_batch(jobs)
-            except Exception as e:  # a bug: fail these requests (HTTP 500), keep serving
-                log.exception("embedded engine batch failed")
-                for job in jobs:
+                self._iteration()
+            except Exception as e:  # a bug: fail the running requests (HTTP 500), keep serving
+                log.exception("embedded engine step failed")
+                for job in [j for part in self._parts() for j in part.jobs]:
                     if not job.done.done():
                         job.done.set_exception(e)
-            finally:
-                with self._cv:
-                    self._running = []
+                self._prefills, self._batch, self._solos = [], None, []
+            self._publish()
+        for job in [j for part in self._parts() for j in part.jobs]:  # shutting down
+            self._finish(job, {"type": "abort", "message": job.abort_message or "Server shutting down"})
+        self._prefills, self._batch, self._solos = [], None, []
+        self._publish()
 
-    def _wait_if_paused(self) -> None:
+    def _wait_for_work(self) -> bool:
+        """Block while there is nothing to do (idle, or paused with no abort to serve); False to stop."""
         with self._cv:
-            while self._paused and not self._stopping and not all(j.abort_message for j in self._running):
-                self._cv.wait(timeout=0.1)
+            while not self._stopping:
+                if any(j.abort_message for j in self._running):
+                    return True
+                if self._paused:
+                    self._cv.wait()
+                elif self._running:
+                    return True
+                elif self._pending:
+                    break
+                else:
+                    self._cv.wait()
+            else:
+                return False
+        time.sleep(self.batch_wait_s)  # idle until now: let requests sent together share one prefill
+        return True
 
-    def _run_batch(self, jobs: list[Job]) -> None:
-        parts = [jobs]
-        if self.deterministic:
-            rest = [j for j in jobs if j.params.seed is None]
-            parts = [[j] for j in jobs if j.params.seed is not None] + ([rest] if rest else [])
-        groups = [g for g in map(self._prefill, parts) if g is not None]
-        while groups:  # one decode step of every group per round, so no group starves
-            self._wait_if_paused()
-            groups = [g for g in groups if self._step(g)]
+    def _iteration(self) -> None:
+        """Serve aborts, admit newcomers, feed one budget of prompt chunks, then one decode step of every batch."""
+        self._reap()
+        if self._paused:
+            return
+        self._admit()
+        self._publish()
+        if self._prefill_step():
+            self._decode_step()
 
-    def _prefill(self, jobs: list[Job]) -> Group | None:
-        """One left-padded forward over the prompts; the group still to decode, if any."""
-        lengths = [len(j.prompt) for j in jobs]
-        width = max(lengths)
-        ids_BL = torch.zeros(len(jobs), width, dtype=torch.long)
-        mask_BL = torch.zeros(len(jobs), width, dtype=torch.long)
-        for row, job in enumerate(jobs):
-            ids_BL[row, width - lengths[row]:] = torch.tensor(job.prompt)
-            mask_BL[row, width - lengths[row]:] = 1
-        pos_BL = (mask_BL.cumsum(1) - 1).clamp(min=0)
-        scoring = any(j.return_logprob and j.logprob_start_len >= 0 for j in jobs)
-        decoding = any(j.params.max_new_tokens > 0 for j in jobs)
+    def _reap(self) -> None:
+        """Finish aborted jobs where they are (their output so far is kept); drop their rows."""
+        for part in self._parts():
+            keep = [r for r, j in enumerate(part.jobs) if not j.abort_message]
+            for job in part.jobs:
+                if job.abort_message:
+                    self._finish(job, {"type": "abort", "message": job.abort_message})
+            part.select(keep)
+        self._prefills = [p for p in self._prefills if p.jobs]
+        self._solos = [s for s in self._solos if s.jobs]
+        if self._batch is not None and not self._batch.jobs:
+            self._batch = None
+
+    def _admit(self) -> None:
+        """Move waiting jobs (oldest first) into new prefills while there is room in the batch.
+
+        Unseeded jobs (all jobs without ``deterministic``) share one prefill, as long as its padded
+        prompts fit one chunk; seeded jobs in deterministic mode get one each. Without mergeable
+        caches newcomers wait until nothing runs."""
+        if not self._mergeable and self._parts():
+            return
+        with self._cv:
+            room = self.max_batch_size - len(self._running)
+            shared: list[Job] = []
+            while self._pending and room > 0:
+                job = self._pending[0]
+                if self.deterministic and job.params.seed is not None:
+                    self._prefills.append(self._new_prefill([job], solo=True))
+                else:
+                    width = max(len(j.prompt) for j in [*shared, job])
+                    if shared and (len(shared) + 1) * width > self.chunked_prefill_size:
+                        break
+                    shared.append(job)
+                self._pending.popleft()
+                room -= 1
+            if shared:
+                self._prefills.append(self._new_prefill(shared, solo=False))
+
+    def _new_prefill(self, jobs: list[Job], *, solo: bool) -> Prefill:
+        from transformers import DynamicCache
+
+        pre = Prefill.of(jobs, solo=solo)
+        pre.cache = DynamicCache(config=self.model.config)
+        return pre
+
+    def _forward(self, **inputs: Any) -> tuple[Any, str] | None:
+        """One forward and the weight version it ran with; None (nothing run) once paused.
+
+        Under the model lock: a weight load waits for the forward in flight, and no forward
+        starts after ``pause`` until ``resume``."""
         with self._model_lock, torch.no_grad():
-            out = self.model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=pos_BL,
-                             use_cache=decoding, logits_to_keep=0 if scoring else 1)
-            version = self.weight_version
-        if scoring:
-            self._score_prompts(jobs, out.logits, width)
-        for job in jobs:
+            if self._paused:
+                return None
+            return self.model(**inputs), self.weight_version
+
+    def _prefill_step(self) -> bool:
+        """Feed prompt chunks up to ``chunked_prefill_size`` tokens; False if paused meanwhile.
+
+        The oldest prefill always gets a chunk (all of the budget); a later one runs only if
+        what is left of the budget feeds it whole. So a seeded job alone in its prefill is fed in
+        fixed chunks from position 0 whatever else waits: its bits do not depend on the others."""
+        budget = self.chunked_prefill_size
+        for index, pre in enumerate(list(self._prefills)):
+            if index > 0 and len(pre.jobs) * (pre.width - pre.fed) > budget:
+                continue
+            start, end = pre.next_chunk(budget)
+            done = self._forward(input_ids=pre.ids_BL[:, start:end], attention_mask=pre.mask_BL[:, :end],
+                                 position_ids=pre.pos_BL[:, start:end], past_key_values=pre.cache,
+                                 use_cache=True, logits_to_keep=0 if pre.scoring else 1)
+            if done is None:
+                return False
+            out, pre.version = done
+            pre.fed, pre.cache, pre.last_logits_BV = end, out.past_key_values, out.logits[:, -1, :]
+            if pre.scoring:
+                pre.record_scores(start, out.logits)
+            budget -= len(pre.jobs) * (end - start)
+            if pre.fed == pre.width:
+                self._prefills.remove(pre)
+                self._prefilled(pre)
+        return True
+
+    def _prefilled(self, pre: Prefill) -> None:
+        """Score, finish zero-token jobs, sample every row's first token, then join the decode batch."""
+        for row, job in enumerate(pre.jobs):
+            if pre.scoring and job.return_logprob and job.logprob_start_len >= 0:
+                job.input_logprobs = pre.input_logprobs(row)
             if job.params.max_new_tokens == 0:
                 self._finish(job, {"type": "length", "length": 0})
-        if not decoding:
-            return None
-        keep = torch.tensor([r for r, j in enumerate(jobs) if j.params.max_new_tokens > 0])
-        if len(keep) < len(jobs):
-            out.past_key_values.batch_select_indices(keep)
-        return Group([jobs[r] for r in keep.tolist()], out.logits[keep, -1, :], out.past_key_values,
-                     mask_BL[keep], pos_BL[keep, -1:], version)
+        decode = [r for r, j in enumerate(pre.jobs) if j.params.max_new_tokens > 0]
+        if not decode:
+            return
+        rows = pre.to_rows()
+        logits_BV = pre.last_logits_BV[decode]
+        rows.select(decode)
+        self._sample(rows, logits_BV, pre.version)
+        if not rows.jobs:
+            return
+        if pre.solo:
+            self._solos.append(rows)
+        else:
+            self._batch = rows if self._batch is None else merge(self._batch, rows)
 
-    def _score_prompts(self, jobs: list[Job], logits_BLV: torch.Tensor, width: int) -> None:
-        """SGLang's input_token_logprobs: position p holds log p(prompt[p] | prompt[:p]); p = 0 is None."""
-        for row, job in enumerate(jobs):
-            if not (job.return_logprob and job.logprob_start_len >= 0):
+    def _decode_step(self) -> None:
+        """One forward and one new token for every row of the shared batch and of each solo job."""
+        for rows in [*([self._batch] if self._batch else []), *self._solos]:
+            mask_BT = torch.cat([rows.mask_BT, torch.ones(len(rows.jobs), 1, dtype=rows.mask_BT.dtype)], dim=1)
+            done = self._forward(input_ids=rows.next_B1, attention_mask=mask_BT, position_ids=rows.pos_B1,
+                                 past_key_values=rows.cache, use_cache=True)
+            if done is None:
+                break
+            out, version = done
+            rows.mask_BT, rows.pos_B1 = mask_BT, rows.pos_B1 + 1
+            self._sample(rows, out.logits[:, -1, :], version)
+        self._solos = [s for s in self._solos if s.jobs]
+        if self._batch is not None and not self._batch.jobs:
+            self._batch = None
+
+    def _sample(self, rows: Rows, logits_BV: torch.Tensor, version: str) -> None:
+        """Draw each row's next token, record it, finish the rows that stop; the others feed it next."""
+        tokens, logprobs = sample_rows(logits_BV, [j.params for j in rows.jobs], [self._uniform(j) for j in rows.jobs],
+                                       original_logprobs=self.original_logprobs)
+        keep = []
+        for row, job in enumerate(rows.jobs):
+            if job.abort_message:
+                self._finish(job, {"type": "abort", "message": job.abort_message})
                 continue
-            pad = width - len(job.prompt)
-            logp_LV = torch.log_softmax(logits_BLV[row, pad:].float(), dim=-1)
-            target = torch.tensor(job.prompt[1:])
-            scores = logp_LV[:-1].gather(1, target.unsqueeze(1)).squeeze(1).tolist()
-            job.input_logprobs = ([None] + scores)[job.logprob_start_len:]
+            _append_token(job, tokens[row], logprobs[row], version)
+            reason = self._stop_reason(job, tokens[row])
+            if reason is not None:
+                self._finish(job, reason)
+            else:
+                keep.append(row)
+        rows.next_B1 = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
+        rows.select(keep)
 
     def _stop_reason(self, job: Job, token: int) -> dict[str, Any] | None:
         p = job.params
@@ -388,37 +526,6 @@ class EmbeddedEngine:
         if job.params.seed is not None:  # position of the last token fed, as SGLang's `positions`
             return seeded_uniform(job.params.seed, len(job.prompt) + len(job.output_ids) - 1)
         return float(torch.rand((), dtype=torch.float64, generator=self.generator))
-
-    def _step(self, g: Group) -> bool:
-        """Sample one token per row, finish rows, run the next forward; False once the group is done."""
-        tokens, logprobs = sample_rows(g.logits_BV, [j.params for j in g.jobs], [self._uniform(j) for j in g.jobs],
-                                       original_logprobs=self.original_logprobs)
-        keep = []
-        for row, job in enumerate(g.jobs):
-            if job.abort_message:
-                self._finish(job, {"type": "abort", "message": job.abort_message})
-                continue
-            _append_token(job, tokens[row], logprobs[row], g.version)
-            reason = self._stop_reason(job, tokens[row])
-            if reason is not None:
-                self._finish(job, reason)
-            else:
-                keep.append(row)
-        if not keep:
-            return False
-        if len(keep) < len(g.jobs):
-            index = torch.tensor(keep)
-            g.cache.batch_select_indices(index)
-            g.mask_BL, g.pos_B1, g.jobs = g.mask_BL[index], g.pos_B1[index], [g.jobs[r] for r in keep]
-        next_B1 = torch.tensor([[tokens[r]] for r in keep])
-        g.mask_BL = torch.cat([g.mask_BL, torch.ones(len(keep), 1, dtype=g.mask_BL.dtype)], dim=1)
-        g.pos_B1 = g.pos_B1 + 1
-        with self._model_lock, torch.no_grad():
-            out = self.model(input_ids=next_B1, attention_mask=g.mask_BL, position_ids=g.pos_B1,
-                             past_key_values=g.cache, use_cache=True)
-            g.version = self.weight_version
-        g.logits_BV = out.logits[:, -1, :]
-        return True
 
 
 def _append_token(job: Job, token: int, logprob: float, version: str) -> None:
