@@ -94,8 +94,8 @@ def _need_tokenizer(engine: EmbeddedEngine, what: str) -> Any:
 
 
 # ------------------------------------------------------------------------ /v1/completions
-def _completion_prompts(body: dict[str, Any], engine: EmbeddedEngine) -> tuple[list[list[int]], list[str]]:
-    """Token ids of each prompt and its echo text (a string prompt echoes as given)."""
+def _completion_prompts(body: dict[str, Any], engine: EmbeddedEngine, echo: bool) -> tuple[list[list[int]], list[str]]:
+    """Token ids of each prompt and, with ``echo``, its echo text (a string prompt echoes as given)."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -108,30 +108,31 @@ def _completion_prompts(body: dict[str, Any], engine: EmbeddedEngine) -> tuple[l
     for p in prompt:
         if isinstance(p, str):
             ids.append(_need_tokenizer(engine, "A text prompt").encode(p))
-            echoes.append(p)
+            echoes += [p] if echo else []
         elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             ids.append(list(p))
-            echoes.append(engine.tokenizer.decode(p, skip_special_tokens=True) if engine.tokenizer else "")
+            if echo:  # SGLang echoes token ids decoded without special tokens
+                echoes.append(engine.tokenizer.decode(p, skip_special_tokens=True) if engine.tokenizer else "")
         else:
             raise BadRequest("Every prompt must be a string or a list of token ids.")
     return ids, echoes
 
 
 def completion_submissions(body: dict[str, Any], engine: EmbeddedEngine) -> tuple[list[Submission], list[str]]:
-    ids, echoes = _completion_prompts(body, engine)
+    echo = bool_field(body, "echo")
+    ids, echoes = _completion_prompts(body, engine, echo)
     logprobs = body.get("logprobs")
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
         raise BadRequest(f"`logprobs` must be a non-negative integer, got {logprobs!r}.")
     if logprobs:
         raise BadRequest("`logprobs` > 0 asks for top log-probs, which the embedded engine does not compute; "
                          "send logprobs: 0 for the chosen tokens' log-probs.")
-    echo = bool_field(body, "echo")
     raw = _sampling(body, {}, _positive_int(body, "max_tokens") or 16)
     params, options = engine_params(raw, engine.vocab_size)
     rids = request_ids(body.get("rid"), len(ids))
     subs = [Submission(p, params, options, rid, logprobs is not None, 0 if echo and logprobs is not None else -1)
             for p, rid in zip(ids, rids)]
-    return subs, echoes if echo else []
+    return subs, echoes
 
 
 # ------------------------------------------------------------------- /v1/chat/completions

@@ -43,7 +43,8 @@ def test_completion_matches_generate_and_counts_usage(qwen_engine):
         oai = await post(session, base + "/v1/completions", {
             "model": "m", "prompt": prompt, "max_tokens": 5, "temperature": 0.9, "top_p": 0.95, "n": 2,
             "seed": 3, "logprobs": 0})
-        echo = await post(session, base + "/v1/completions", {"prompt": ids, "max_tokens": 2, "echo": True})
+        echo = await post(session, base + "/v1/completions", {"prompt": ids, "max_tokens": 2, "echo": True,
+                                                              "logprobs": 0})
         return native, oai, echo
     (_, native), (status, oai), (_, echo) = serve(qwen_engine, body)
     assert status == 200 and oai["object"] == "text_completion" and oai["model"] == "m"
@@ -55,7 +56,10 @@ def test_completion_matches_generate_and_counts_usage(qwen_engine):
     assert oai["usage"]["prompt_tokens"] == len(ids) and oai["usage"]["completion_tokens"] == 10
     assert oai["usage"]["total_tokens"] == len(ids) + 10
     assert oai["metadata"] == {"weight_version": qwen_engine.weight_version}
-    assert echo["choices"][0]["text"].startswith(prompt) and echo["choices"][0]["logprobs"] is None
+    echoed = echo["choices"][0]
+    assert echoed["text"].startswith(prompt)  # the prompt's log-probs come first, the first one null
+    assert len(echoed["logprobs"]["token_logprobs"]) == len(ids) + 2 and echoed["logprobs"]["token_logprobs"][0] is None
+    assert "".join(echoed["logprobs"]["tokens"]) == echoed["text"]
 
 
 def test_chat_uses_the_template_and_generation_config_defaults(qwen_engine):
