@@ -24,6 +24,8 @@ SUBCOMMANDS = (
     "megatron_rl.checkpoint.cli",
     "megatron_rl.cli.logprobs",
     "megatron_rl.cli.serve",
+    "megatron_rl.cli.eval",
+    "megatron_rl.cli.generate",
 )
 
 
