@@ -42,6 +42,17 @@ README_COMMANDS: dict[str, tuple[str, int, str]] = {
         "megatron-rl data deepscaler deepscaler.json data/deepscaler/train.parquet", 0, "wrote 2 deepscaler rows"),
     "megatron-rl data deepcoder deepcoder.jsonl data/deepcoder/train.parquet": (
         "megatron-rl data deepcoder deepcoder.jsonl data/deepcoder/train.parquet", 0, "wrote 1 deepcoder rows"),
+    # eval / generate: the random tiny model stands in for the RL checkpoint `make demo` writes;
+    # generate keeps every sample (a random model answers nothing right).
+    "megatron-rl eval --model runs/demo/sft/hf --model runs/demo/rl/ckpt --data runs/demo/data/heldout.parquet "
+    "--n 8 --max-new-tokens 8 --temperature 1.0 --top-p 1.0 --servers 2 --out runs/demo/eval": (
+        "megatron-rl eval --model runs/demo/sft/hf --model runs/demo/model --data runs/demo/data/heldout.parquet "
+        "--n 2 --max-new-tokens 8 --temperature 1.0 --top-p 1.0 --servers 2 --out runs/demo/eval", 0,
+        "| runs/demo/model | 8 |"),
+    "megatron-rl generate --model runs/demo/rl/ckpt --data runs/demo/data/train.parquet --n 4 "
+    "--max-new-tokens 8 --out runs/demo/traces.parquet": (
+        "megatron-rl generate --model runs/demo/model --data runs/demo/data/heldout.parquet --n 4 "
+        "--max-new-tokens 8 --out runs/demo/traces.parquet --keep all", 0, "wrote 32 of 32 samples (all)"),
     "megatron-rl train configs/deepscaler_1.5b_8k.yaml": (
         "megatron-rl train configs/deepscaler_1.5b_8k.yaml", 2, "models/DeepSeek-R1-Distill-Qwen-1.5B does not exist"),
     "megatron-rl convert hf-to-mcore --hf HF_DIR --out CKPT --tp 2 --pp 2": (
