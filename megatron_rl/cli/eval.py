@@ -83,6 +83,11 @@ def sampling_run(args: argparse.Namespace):
     if args.server_urls and len(models) > 1:
         raise UserError(f"--server-urls serve one model, but {len(models)} were given ({models[:3]}...); "
                         "evaluate several models by launching their servers (no --server-urls), or one at a time.")
+    if args.api != "openai":
+        absent = [m for m in models if not Path(m).exists()]
+        if absent:
+            raise UserError(f"--model {absent[0]}: no such directory. Give a Hugging Face model directory or a "
+                            "megatron-rl checkpoint (the served model's name only with --api openai).")
     serve = ServeSettings(engine=args.engine, servers=args.servers, tp=args.tp, server_urls=args.server_urls,
                           api=args.api, served_model_name=args.served_model_name, deterministic=args.deterministic,
                           chat_template=args.chat_template)

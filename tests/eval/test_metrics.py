@@ -98,3 +98,23 @@ def test_summarize_hand_computed():
     assert code.maj is None and code.pass_at == {1: 0.0, 2: 0.0}
     with pytest.raises(ValueError):
         summarize([a], ks=[8])
+
+
+def test_trainer_eval_metrics_use_the_same_functions():
+    from megatron_rl.trainer.metrics import eval_metrics
+    from megatron_rl.trainer.samples import ScoredSample
+
+    def s(uid, i, text, score, source, finish="stop"):
+        return ScoredSample(uid=uid, group=uid, sample_index=i, prompt_ids=[1], response_ids=[2] * (i + 1),
+                            rollout_logprobs=[0.0] * (i + 1), finish_reason=finish, data_source=source,
+                            score=score, extra={"text": text})
+
+    groups = [[s(0, 0, r"\boxed{4}", 1.0, "math"), s(0, 1, r"\boxed{5}", 0.0, "math"),
+               s(0, 2, r"\boxed{5}", 0.0, "math", "length")],
+              [s(1, 0, "x", 0.0, "kodcode"), s(1, 1, "y", 1.0, "kodcode"), s(1, 2, "z", 1.0, "kodcode")]]
+    m = eval_metrics(groups, [1, 2])
+    assert m["eval/math/accuracy"] == pytest.approx(1 / 3) and m["eval/kodcode/accuracy"] == pytest.approx(2 / 3)
+    assert m["eval/accuracy"] == pytest.approx(0.5) and m["eval/pass@2"] == pytest.approx((2 / 3 + 1) / 2)
+    assert m["eval/math/maj@3"] == 0.0 and "eval/kodcode/maj@3" not in m and "eval/maj@3" not in m
+    assert m["eval/math/truncated"] == pytest.approx(1 / 3) and m["eval/length_mean"] == 2.0
+    assert m["eval/accuracy_ci95_low"] <= 0.5 <= m["eval/accuracy_ci95_high"] and m["eval/problems"] == 2
