@@ -418,7 +418,7 @@ class Trainer:
             gen = Generator(cfg, s.client, s.pool, s.tokenizer)
             problems = [s.eval_set[i] for i in range(len(s.eval_set))]
             groups, _ = s.run(gen.run_groups(problems, cfg.eval.n_samples, EVAL_STEP_SEED, eval_mode=True))
-            return eval_metrics(groups, cfg.eval.pass_k)
+            return eval_metrics(groups, cfg.eval.pass_k, default_kind=cfg.reward.kind)
 
         metrics = on_rank0(work)
         if self.logger is not None:
