@@ -126,3 +126,25 @@ def test_seeded_request_survives_a_server_restart(tiny_model_dir, tmp_path):
             crowd = asyncio.run(_generate(manager.urls, _requests(f"c{launch}", True)))
         outputs += [(s.response_ids, s.response_logprobs) for s in (alone[0], crowd[0])]
     assert len(outputs[0][0]) == 16 and outputs == [outputs[0]] * 4
+
+
+def test_seeded_long_prompt_fed_in_chunks_is_bit_identical_amid_others(tiny_model_dir):
+    """Chunked prefill: a seeded prompt longer than a chunk is fed in the same chunks from position 0
+    whatever else waits or runs, so its bits do not change either."""
+    import torch
+
+    from megatron_rl.rollout.engine import EmbeddedEngine
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    eng = EmbeddedEngine(str(tiny_model_dir), seed=0, batch_wait_s=0.05, deterministic=True, chunked_prefill_size=6)
+    try:
+        long_mine = (list(range(300, 323)), MINE[1])
+        (alone,) = result(submit(eng, *long_mine, "alone"))
+        crowd = [submit(eng, p, s, f"c{i}") for i, (p, s) in enumerate(OTHERS[:4])]
+        (amid,) = result(submit(eng, *long_mine, "amid"))
+        [result(f) for f in crowd]
+        assert amid == alone and len(alone[0]) == 16
+    finally:
+        eng.shutdown()
+        torch.set_num_threads(threads)
