@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=30000, help="port to bind (default: 30000)")
     p.add_argument("--max-batch-size", type=int, default=64, help="most sequences decoded together")
+    p.add_argument("--chunked-prefill-size", type=int, default=512,
+                   help="most prompt tokens (rows x columns) fed per scheduler step, between decode steps")
     p.add_argument("--seed", type=int, default=None, help="seed of requests that carry no sampling_seed")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--deterministic", "--enable-deterministic-inference", dest="deterministic",
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     engine = EmbeddedEngine(args.model, max_batch_size=args.max_batch_size, seed=args.seed,
-                            original_logprobs=args.return_original_logprob, deterministic=args.deterministic)
+                            original_logprobs=args.return_original_logprob, deterministic=args.deterministic,
+                            chunked_prefill_size=args.chunked_prefill_size)
     logging.getLogger(__name__).info("serving %s on http://%s:%d (deterministic=%s)", args.model, args.host,
                                      args.port, args.deterministic)
     # handler_cancellation: a client that hangs up cancels its handler, which aborts its jobs.
