@@ -135,3 +135,24 @@ def test_prefill_chunks_respect_the_token_budget():
     assert pre.next_chunk(8) == (0, 4)  # 2 rows x 4 columns
     pre.fed = 8
     assert pre.next_chunk(8) == (8, 10) and pre.next_chunk(1) == (8, 9)  # at least one column
+
+
+def test_models_without_mergeable_caches_fall_back_to_batches_that_start_together(tmp_path):
+    """Sliding-window layers keep state a left-padded merge would break: newcomers wait."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from megatron_rl.rollout.batching import mergeable
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      use_sliding_window=True, sliding_window=64, max_window_layers=0)
+    Qwen2ForCausalLM(cfg).save_pretrained(str(tmp_path))
+    eng = EmbeddedEngine(str(tmp_path), seed=0, batch_wait_s=0.002)
+    try:
+        assert not mergeable(eng.model.config)
+        long_job, new, marks = join_while_running(eng, [7, 8, 9], 6, long_tokens=30)
+        assert marks["first"] == 30  # started once the running batch had ended
+        assert new.output_ids == alone(eng, [7, 8, 9], 6).output_ids
+    finally:
+        eng.shutdown()
