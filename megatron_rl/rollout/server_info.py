@@ -52,7 +52,7 @@ def server_info_body(engine: EmbeddedEngine, host: str) -> dict[str, Any]:
         "context_length": engine.context_len, "device": "cpu", "served_model_name": engine.model_path,
         "is_embedding": False, "host": hostname or host, "port": int(port) if port.isdigit() else None,
         "tp_size": 1, "pp_size": 1, "dp_size": 1, "ep_size": 1, "moe_dp_size": 1, "nnodes": 1, "node_rank": 0,
-        "max_running_requests": engine.max_batch_size, "max_total_tokens": None, "chunked_prefill_size": None,
+        "max_running_requests": engine.max_batch_size, "max_total_tokens": None, "chunked_prefill_size": engine.chunked_prefill_size,
         "max_prefill_tokens": None, "schedule_policy": "fcfs", "stream_interval": 1, "stream_output": False,
         "disable_radix_cache": True, "enable_deterministic_inference": engine.deterministic,
         "random_seed": None, "weight_version": engine.weight_version, "sampling_defaults": "model",
