@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 CODE_SOURCES = ("deepcoder", "taco", "lcb", "livecodebench", "primeintellect", "codeforces", "apps",
                 "code_contests", "kodcode", "humaneval", "mbpp")
-MATH_SOURCES = ("deepscaler", "math", "aime", "amc", "gsm8k", "omni", "still", "arithmetic", "olympiad")
+MATH_SOURCES = ("deepscaler", "math", "aime", "amc", "gsm8k", "omni", "still", "arithmetic", "olympiad",
+                "minerva")
 
 
 def grader_kind(data_source: str, default: str) -> str:
