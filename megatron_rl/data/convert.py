@@ -1,11 +1,8 @@
 """Public datasets (DeepScaleR, DeepCoder JSON) to the training parquet schema (``megatron_rl.data``).
 
-Input: a JSON list of objects, or JSON Lines (one object per line; blank lines skipped); told
-apart by the first character. JSONL is streamed; a JSON list is loaded whole (DeepScaleR's
-40k problems are ~30 MB). Output columns: ``prompt`` (list of {role, content}), ``answer``
-(string), ``data_source`` (string), ``extra_info`` (JSON object text, since metadata differs
-row to row), written in row groups, to a temporary file renamed into place at the end so a
-failed conversion never leaves a half-written file.
+Input: a JSON list of objects, JSON Lines, or either gzip-compressed, or parquet
+(``data.raw``); a JSON list is loaded whole (DeepScaleR's 40k problems are ~30 MB). Output:
+the schema's four columns (``data.writer``), written atomically in row groups.
 
 DeepCoder tests come in three shapes (TACO's ``{"inputs", "outputs", "fn_name"?}``,
 LiveCodeBench's ``[{"input", "output", "testtype"}]`` with ``fn_name`` in the metadata,
@@ -16,43 +13,17 @@ dict the code grader reads (``megatron_rl.rewards.code_tests``) and stored as it
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
+from megatron_rl.data.raw import read_records
+from megatron_rl.data.writer import write_rows
 from megatron_rl.errors import DataError
 
 DEEPSCALER_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 DEEPSCALER_ROW_GROUP = 1024
 DEEPCODER_ROW_GROUP = 128  # tests can run to megabytes per problem; a reader decodes a group whole
 Fail = Callable[[str, str], DataError]
-
-
-def read_records(path: str) -> Iterator[tuple[str, Any]]:
-    """(location, record) of each input record; location reads "line 7" or "item 6 (0-based)"."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file. Give the path of the downloaded JSON or JSONL.")
-    with open(path, encoding="utf-8-sig") as f:
-        head = f.read(4096).lstrip()[:1]
-        f.seek(0)
-        if head == "[":
-            try:
-                items = json.load(f)
-            except ValueError as e:
-                raise DataError(f"{path}: not valid JSON ({e}). Fix the file or re-download it.") from e
-            for i, rec in enumerate(items):
-                yield f"item {i} (0-based)", rec
-            return
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}, line {n}: not valid JSON ({e}). The input must be a JSON "
-                                "list of objects or JSON Lines (one object per line).") from e
-            yield f"line {n}", rec
 
 
 def _field(rec: Any, key: str, fail: Fail, required: bool = True) -> Any:
@@ -66,7 +37,21 @@ def _field(rec: Any, key: str, fail: Fail, required: bool = True) -> Any:
     return value
 
 
-def _text(value: Any, key: str, fail: Fail) -> str:
+def first_field(rec: Any, keys: tuple[str, ...], fail: Fail) -> tuple[str, Any]:
+    """(key, value) of the first of ``keys`` the record has (not null)."""
+    if not isinstance(rec, dict):
+        raise fail(f"expected a JSON object, got {type(rec).__name__}",
+                   "Every record must be an object such as {\"problem\": ..., \"answer\": ...}.")
+    for key in keys:
+        if rec.get(key) is not None:
+            return key, rec[key]
+    raise fail(f"none of the fields {', '.join(f'`{k}`' for k in keys)} is present (fields: "
+               f"{sorted(rec)})", "Give the benchmark's file as published (see `megatron-rl data "
+               "--help`), or rename the field.")
+
+
+def text_field(value: Any, key: str, fail: Fail) -> str:
+    """A record field as non-empty text (numbers accepted as written)."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise fail(f"field `{key}` is a {type(value).__name__}, not text", f"Store `{key}` as a string.")
     text = str(value)
@@ -77,8 +62,8 @@ def _text(value: Any, key: str, fail: Fail) -> str:
 
 def deepscaler_row(rec: Any, index: int, fail: Fail) -> dict[str, Any]:
     """One DeepScaleR record {"problem", "answer", "solution"?} as a schema row."""
-    problem = _text(_field(rec, "problem", fail), "problem", fail)
-    answer = _text(_field(rec, "answer", fail), "answer", fail)
+    problem = text_field(_field(rec, "problem", fail), "problem", fail)
+    answer = text_field(_field(rec, "answer", fail), "answer", fail)
     extra: dict[str, Any] = {"index": index}
     if rec.get("solution") is not None:
         extra["solution"] = rec["solution"]
@@ -149,7 +134,7 @@ def deepcoder_prompt(problem: str, starter: str | None, fn_name: str | None) -> 
 
 def deepcoder_row(rec: Any, index: int, fail: Fail, source: str) -> dict[str, Any]:
     """One DeepCoder record {"problem", "tests", "metadata"?, "starter_code"?} as a schema row."""
-    problem = _text(_field(rec, "problem", fail), "problem", fail)
+    problem = text_field(_field(rec, "problem", fail), "problem", fail)
     metadata = _json_value(rec.get("metadata"), "metadata", fail) or {}
     if not isinstance(metadata, dict):
         raise fail(f"`metadata` must be an object, got {type(metadata).__name__}",
@@ -169,36 +154,22 @@ def deepcoder_row(rec: Any, index: int, fail: Fail, source: str) -> dict[str, An
 def convert(kind: str, in_path: str, out_path: str, row_group_size: int | None = None,
             source: str = "deepcoder") -> int:
     """Convert ``in_path`` (``kind`` "deepscaler" or "deepcoder") to ``out_path``; rows written."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if kind not in ("deepscaler", "deepcoder"):
         raise ValueError(f"unknown dataset kind {kind!r}")
     size = row_group_size or (DEEPSCALER_ROW_GROUP if kind == "deepscaler" else DEEPCODER_ROW_GROUP)
-    message = pa.struct([("role", pa.string()), ("content", pa.string())])
-    schema = pa.schema([("prompt", pa.list_(message)), ("answer", pa.string()),
-                        ("data_source", pa.string()), ("extra_info", pa.string())])
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    n, batch = 0, []
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for loc, rec in read_records(in_path):
-                def fail(problem: str, fix: str, loc: str = loc) -> DataError:
-                    return DataError(f"{in_path}, {loc}: {problem}. {fix}")
-                batch.append(deepscaler_row(rec, n, fail) if kind == "deepscaler"
-                             else deepcoder_row(rec, n, fail, source))
-                n += 1
-                if len(batch) == size:
-                    writer.write_table(pa.Table.from_pylist(batch, schema), row_group_size=size)
-                    batch = []
-            if batch:
-                writer.write_table(pa.Table.from_pylist(batch, schema), row_group_size=size)
-        if n == 0:
-            raise DataError(f"{in_path}: no records found, so nothing was written. Check that "
-                            "this is the downloaded dataset (a JSON list or JSON Lines).")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return n
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for n, (loc, rec) in enumerate(read_records(in_path)):
+            fail = located(in_path, loc)
+            yield deepscaler_row(rec, n, fail) if kind == "deepscaler" else deepcoder_row(rec, n, fail, source)
+
+    return write_rows(rows(), out_path, size,
+                      f"{in_path}: no records found, so nothing was written. Check that this is the "
+                      "downloaded dataset (a JSON list or JSON Lines).")
+
+
+def located(path: str, loc: str) -> Fail:
+    """A ``Fail`` for the record at ``loc`` of ``path``: "PATH, line 7: problem. fix"."""
+    def fail(problem: str, fix: str) -> DataError:
+        return DataError(f"{path}, {loc}: {problem}. {fix}")
+    return fail
