@@ -121,6 +121,9 @@ class Trainer:
                 metrics["time/step"] = time.perf_counter() - t0
                 if self.logger is not None:
                     self.logger.step(step, metrics, self.sample_log)
+                # After the step's row is written: a checkpoint never covers a step whose row a
+                # kill could lose (a resume drops the rows past its checkpoint and redoes them).
+                self.checkpoint_and_evaluate(step)
                 if any_rank(stop.flag):
                     self.save(step + 1)
                     log.warning("stopped by signal after step %d; checkpoint saved", step + 1) if s.rank0 else None
@@ -168,6 +171,14 @@ class Trainer:
                 self.server_memory("resume", ["weights"])
                 self.sync(step + 1)
                 self.server_memory("resume", ["kv_cache"])
+        metrics.update(self.timings)
+        gen_tokens = sum(len(x.response_ids) for x in samples)
+        gen_time = metrics.get("time/generate_batch", self.timings["time/generate"])
+        metrics["perf/generated_tokens_per_s"] = gen_tokens / max(gen_time, 1e-9)
+        return metrics
+
+    def checkpoint_and_evaluate(self, step: int) -> None:
+        cfg = self.cfg
         if cfg.checkpoint.dir and (step + 1) % cfg.checkpoint.save_every == 0:
             with self.phase(step, "checkpoint"):
                 self.save(step + 1)
@@ -175,11 +186,6 @@ class Trainer:
                 and step + 1 < cfg.train.num_steps:
             with self.phase(step, "evaluate"):
                 self.evaluate(step + 1)
-        metrics.update(self.timings)
-        gen_tokens = sum(len(x.response_ids) for x in samples)
-        gen_time = metrics.get("time/generate_batch", self.timings["time/generate"])
-        metrics["perf/generated_tokens_per_s"] = gen_tokens / max(gen_time, 1e-9)
-        return metrics
 
     def server_memory(self, action: str, tags: list[str] | None = None) -> None:
         """Colocated servers (``rollout.colocate``): release all their memory while the actor
