@@ -22,6 +22,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+
+
+def _same(line: str, expect: str) -> dict[str, tuple[str, int, str]]:
+    """A README line that runs exactly as written."""
+    return {line: (line, 0, expect)}
+
+
 # README line -> (what to run instead of placeholders, expected exit status, text the output must hold).
 # "self": the line runs the suite itself or is run by another test named in the text.
 README_COMMANDS: dict[str, tuple[str, int, str]] = {
@@ -42,6 +49,26 @@ README_COMMANDS: dict[str, tuple[str, int, str]] = {
         "megatron-rl data deepscaler deepscaler.json data/deepscaler/train.parquet", 0, "wrote 2 deepscaler rows"),
     "megatron-rl data deepcoder deepcoder.jsonl data/deepcoder/train.parquet": (
         "megatron-rl data deepcoder deepcoder.jsonl data/deepcoder/train.parquet", 0, "wrote 1 deepcoder rows"),
+    # benchmark converters: one or two problems each in the public layout (write_benchmark_raw)
+    **_same("megatron-rl data aime2024 --input aime_2024.parquet --output data/eval/aime24.parquet",
+            "wrote 1 aime2024 rows"),
+    **_same("megatron-rl data aime2025 --input aime2025-I.jsonl aime2025-II.jsonl "
+            "--output data/eval/aime25.parquet", "wrote 2 aime2025 rows"),
+    **_same("megatron-rl data math500 --input MATH-500/test.jsonl --output data/eval/math500.parquet",
+            "wrote 1 math500 rows"),
+    **_same("megatron-rl data amc2023 --input amc23.jsonl --output data/eval/amc23.parquet",
+            "wrote 1 amc2023 rows"),
+    **_same("megatron-rl data minerva --input minerva_math/test.jsonl --output data/eval/minerva.parquet",
+            "wrote 1 minerva rows"),
+    **_same("megatron-rl data olympiadbench --input OE_TO_maths_en_COMP.parquet "
+            "--output data/eval/olympiadbench.parquet", "wrote 1 olympiadbench rows"),
+    **_same("megatron-rl data livecodebench --input code_generation_lite --release-version release_v5 "
+            "--start-date 2024-08-01 --end-date 2025-02-01 --output data/eval/lcb.parquet",
+            "wrote 2 livecodebench rows to data/eval/lcb.parquet\nskipped 3 (before --start-date)"),
+    **_same("megatron-rl data humanevalplus --input humanevalplus.parquet "
+            "--output data/eval/humanevalplus.parquet", "wrote 1 humanevalplus rows"),
+    **_same("megatron-rl data kodcode --input KodCode-Light-RL-10K.parquet --output data/kodcode/train.parquet",
+            "wrote 1 kodcode rows"),
     # eval / generate: the random tiny model stands in for the RL checkpoint `make demo` writes;
     # generate keeps every sample (a random model answers nothing right).
     "megatron-rl eval --model runs/demo/sft/hf --model runs/demo/rl/ckpt --data runs/demo/data/heldout.parquet "
@@ -103,7 +130,42 @@ def workdir(tmp_path_factory) -> Path:
     tests = json.dumps({"inputs": ["1 2\n"], "outputs": ["3\n"]})
     (wd / "deepcoder.jsonl").write_text(json.dumps({"problem": "Add two numbers.", "tests": tests}) + "\n")
     (wd / "in.jsonl").write_text(json.dumps({"input_ids": [5, 17, 30, 2, 9, 11]}) + "\n")
+    write_benchmark_raw(wd)
     return wd
+
+
+def write_benchmark_raw(wd: Path) -> None:
+    """Tiny raw files, in each benchmark's public layout, where the README's `data` commands read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def jsonl(name: str, *records: dict) -> None:
+        (wd / name).parent.mkdir(parents=True, exist_ok=True)
+        (wd / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    pq.write_table(pa.table({"id": [60], "problem": ["Find n."], "answer": ["204"]}), wd / "aime_2024.parquet")
+    jsonl("aime2025-I.jsonl", {"question": "Find m.", "answer": "70"})
+    jsonl("aime2025-II.jsonl", {"question": "Find k.", "answer": "0"})
+    jsonl("MATH-500/test.jsonl", {"problem": "1+1?", "solution": "$\\boxed{2}$", "answer": "2", "subject": "Algebra",
+                                  "level": 1, "unique_id": "test/algebra/1.json"})
+    jsonl("amc23.jsonl", {"id": 0, "question": "How many?", "answer": 27.0, "url": "u"})
+    jsonl("minerva_math/test.jsonl", {"problem": "Speed?", "solution": "$\\boxed{3}$ m/s", "type": "t", "idx": 0})
+    pq.write_table(pa.table({"id": [1606], "question": ["Find x."], "final_answer": [["$5$"]]}),
+                   wd / "OE_TO_maths_en_COMP.parquet")
+    stdin = [{"input": "1 2\n", "output": "3\n", "testtype": "stdin"}]
+    for i, date in enumerate(["2023-05-01", "2024-01-01", "2024-06-01", "2024-08-05", "2024-11-01"], start=1):
+        jsonl(f"code_generation_lite/test{i if i > 1 else ''}.jsonl", {
+            "question_title": "A", "question_content": "Add.", "platform": "atcoder", "question_id": f"abc{i}",
+            "contest_id": "abc", "contest_date": f"{date}T00:00:00", "starter_code": "", "difficulty": "easy",
+            "public_test_cases": json.dumps(stdin), "private_test_cases": "[]", "metadata": "{}"})
+    test = "def check(candidate):\n    assert candidate(2) == 4\n"
+    pq.write_table(pa.table({"task_id": ["HumanEval/0"], "prompt": ["def double(x):\n"], "entry_point": ["double"],
+                             "canonical_solution": ["    return 2 * x\n"], "test": [test]}), wd / "humanevalplus.parquet")
+    pq.write_table(pa.Table.from_pylist([{
+        "question_id": "Leetcode_1", "question": "Write double(x).", "solution": "def double(x):\n    return 2 * x\n",
+        "test": "from solution import double\n\ndef test_double():\n    assert double(2) == 4\n",
+        "test_info": [{"function_name": "double", "function_declaration": "def double(x):"}]}]),
+        wd / "KodCode-Light-RL-10K.parquet")
 
 
 RUNNABLE = [k for k, v in README_COMMANDS.items() if v[0] != "self"]
