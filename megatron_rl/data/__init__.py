@@ -24,7 +24,9 @@ Nulls are refused in every required column. Any malformed row raises
 Modules: ``schema`` (cell checks), ``parquet`` (row-group reader, length index),
 ``template`` (tokenizer and chat template), ``prompts`` (``PromptDataset``,
 ``PromptStream``), ``sft`` (``SFTDataset``, loss masks), ``convert`` (DeepScaleR /
-DeepCoder JSON to parquet; ``megatron-rl data``), ``synthetic`` (the demo's arithmetic set).
+DeepCoder JSON to parquet; ``megatron-rl data``), ``benchmarks`` (evaluation benchmarks:
+``math_benchmarks``, ``code_benchmarks``, ``lcb``; read by ``raw``, written by ``writer``),
+``synthetic`` (the demo's arithmetic set).
 Names are importable from here lazily, so ``import megatron_rl.data`` stays cheap.
 """
 

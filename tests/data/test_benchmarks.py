@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from megatron_rl.data.convert import DEEPSCALER_SUFFIX
+from megatron_rl.eval.problems import load_problems
 from megatron_rl.rewards.math import grade_math
 from megatron_rl.trainer.generate import grader_kind
 
@@ -114,6 +115,7 @@ def test_math_benchmark_converts_row_by_row(tmp_path: Path, name: str) -> None:
     assert "note: " in done.stdout  # a 1-3 problem file is not the public set's size
     rows = read_rows(out)
     assert len(rows) == len(expected)
+    assert [p.index for p in load_problems([str(out)])] == list(range(len(rows)))  # what `megatron-rl eval` reads
     for i, (row, (problem, answer, extra)) in enumerate(zip(rows, expected)):
         assert row["prompt"] == user(problem)
         assert row["answer"] == answer
@@ -168,3 +170,25 @@ def test_missing_input_and_empty_result(tmp_path: Path) -> None:
     assert done.returncode == 2 and "no OlympiadBench (OE_TO_maths_en_COMP) problems found; skipped: 1 problems " \
                                     "with images" in done.stderr, done.stderr
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_raw_reader_takes_every_published_form(tmp_path: Path) -> None:
+    import gzip
+
+    from megatron_rl.data.raw import read_records
+    from megatron_rl.errors import DataError
+
+    recs = [{"problem": "a", "answer": "1"}, {"problem": "b", "answer": "2"}]
+    files = {"list.json": json.dumps(recs).encode(), "lines.jsonl": "".join(json.dumps(r) + "\n" for r in recs).encode()}
+    for name, data in list(files.items()):
+        (tmp_path / name).write_bytes(data)
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress(data))
+    write_raw(tmp_path / "table.parquet", recs, "parquet")
+    for path in sorted(tmp_path.iterdir()):
+        assert [r for _, r in read_records(str(path))] == recs, path
+    assert [loc for loc, _ in read_records(str(tmp_path / "table.parquet"))] == ["row 0 (0-based)", "row 1 (0-based)"]
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(files["lines.jsonl"])[:-12])
+    (tmp_path / "latin1.jsonl").write_bytes('{"problem": "caf\xe9"}\n'.encode("latin-1"))
+    for bad, what in (("cut.jsonl.gz", "cannot be read"), ("latin1.jsonl", "not UTF-8 text"), (".", "is a directory")):
+        with pytest.raises(DataError, match=what):
+            list(read_records(str(tmp_path / bad)))

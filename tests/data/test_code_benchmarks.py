@@ -20,6 +20,7 @@ import pytest
 from test_benchmarks import read_rows, run_cli, write_raw
 
 from megatron_rl.data.lcb import RELEASE_FILES
+from megatron_rl.eval.problems import load_problems
 from megatron_rl.rewards.code import grade_code
 from megatron_rl.trainer.generate import grader_kind
 
@@ -94,6 +95,8 @@ def test_livecodebench_release_and_window_graded(tmp_path: Path) -> None:
     assert maxsum["extra_info"]["index"] == 1
     assert (maxsum["extra_info"]["public_tests"], maxsum["extra_info"]["private_tests"]) == (1, 2)
     assert maxsum["extra_info"]["contest_date"] == "2024-09-15T00:00:00"
+    problems = load_problems([str(out)])  # what `megatron-rl eval` reads
+    assert [(p.dataset, p.data_source, p.answer) for p in problems] == [("lcb", "livecodebench", r["answer"]) for r in rows]
     for row, ok, wrong in ((add, ADD_OK, ADD_WRONG), (maxsum, MAXSUM_OK, MAXSUM_WRONG)):
         assert grade_code(ok, row["answer"], timeout_s=5).score == 1.0
         assert grade_code(wrong, row["answer"], timeout_s=5).score == 0.0
