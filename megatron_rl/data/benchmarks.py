@@ -89,7 +89,9 @@ def convert_benchmark(name: str, inputs: Sequence[str], out_path: str,
     """Convert the raw files ``inputs`` of benchmark ``name`` (a key of BENCHMARKS) to ``out_path``."""
     bench = BENCHMARKS[name]
     options = options or Options()
-    files = lcb_input_files(list(inputs), options.release_version) if name == "livecodebench" else list(inputs)
+    files = list(inputs)
+    if name == "livecodebench":
+        files = lcb_input_files(files, options.release_version)
     report = Report(name, 0)
 
     def rows() -> Iterator[dict[str, Any]]:
@@ -103,7 +105,8 @@ def convert_benchmark(name: str, inputs: Sequence[str], out_path: str,
                 yield row
 
     def nothing() -> str:
-        why = "; skipped: " + ", ".join(f"{n} {r}" for r, n in report.skipped.items()) if report.skipped else ""
+        why = "; skipped: " + ", ".join(f"{n} {r}" for r, n in report.skipped.items())
+        why = why if report.skipped else ""
         return (f"{', '.join(files)}: no {bench.title} problems found{why}, so nothing was written. "
                 "Check that these are the benchmark's files and, for date windows, the dates.")
 

@@ -48,6 +48,11 @@ def checked_tests(tests: dict[str, Any], fail: Fail) -> str:
     return json.dumps(tests)
 
 
+def _required(rec: Any, key: str, fail: Fail) -> str:
+    """A field every record must have, as non-empty text."""
+    return text_field(first_field(rec, (key,), fail)[1], key, fail)
+
+
 def _row(content: str, tests: str, source: str, extra: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": [{"role": "user", "content": content}], "answer": tests,
             "data_source": source, "extra_info": json.dumps(extra, default=str)}
@@ -61,16 +66,18 @@ def lcb_row(rec: Any, index: int, fail: Fail, options: Options) -> dict[str, Any
         return Skip("before --start-date")
     if options.end is not None and date > options.end:
         return Skip("after --end-date")
-    content = text_field(first_field(rec, ("question_content",), fail)[1], "question_content", fail)
+    content = _required(rec, "question_content", fail)
     metadata = rec.get("metadata") or {}
     if isinstance(metadata, str):
         try:
             metadata = json.loads(metadata) if metadata.strip() else {}
         except ValueError as e:
-            raise fail(f"`metadata` is not JSON ({e})", "Give the dataset's records as published.") from None
+            raise fail(f"`metadata` is not JSON ({e})",
+                       "Give the dataset's records as published.") from None
     if not isinstance(metadata, dict):
         raise fail("`metadata` is not an object", "Give the dataset's records as published.")
-    public = decode_test_list(first_field(rec, ("public_test_cases",), fail)[1], "public_test_cases", fail)
+    public = decode_test_list(first_field(rec, ("public_test_cases",), fail)[1], "public_test_cases",
+                              fail)
     private = decode_test_list(rec.get("private_test_cases") or [], "private_test_cases", fail)
     cases = public + private
     if not cases:
@@ -80,12 +87,14 @@ def lcb_row(rec: Any, index: int, fail: Fail, options: Options) -> dict[str, Any
                    "Give the dataset's records as published.")
     kinds = {t["testtype"] for t in cases}
     if not kinds <= {"stdin", "functional"} or len(kinds) != 1:
-        raise fail(f"tests of types {sorted(map(str, kinds))}; expected all `stdin` or all `functional`",
-                   "Give the dataset's records as published.")
+        raise fail(f"tests of types {sorted(map(str, kinds))}; expected all `stdin` or all "
+                   "`functional`", "Give the dataset's records as published.")
     fn_name = metadata.get("func_name") if kinds == {"functional"} else None
     if kinds == {"functional"} and not fn_name:
-        raise fail("functional tests but no `func_name` in `metadata`", "Give the dataset's records as published.")
-    tests: dict[str, Any] = {"inputs": [t["input"] for t in cases], "outputs": [t["output"] for t in cases]}
+        raise fail("functional tests but no `func_name` in `metadata`",
+                   "Give the dataset's records as published.")
+    tests: dict[str, Any] = {"inputs": [t["input"] for t in cases],
+                             "outputs": [t["output"] for t in cases]}
     if fn_name:
         tests["fn_name"] = fn_name
     if options.float_tol is not None:
@@ -112,20 +121,19 @@ def humanevalplus_row(rec: Any, index: int, fail: Fail, options: Options) -> dic
                    "outputs, which EvalPlus computes by running the reference solution)",
                    "Give the Hugging Face dataset evalplus/humanevalplus (its `test` field holds "
                    "the inputs and expected results).")
-    prompt = text_field(first_field(rec, ("prompt",), fail)[1], "prompt", fail)
-    entry = text_field(first_field(rec, ("entry_point",), fail)[1], "entry_point", fail)
-    test = text_field(first_field(rec, ("test",), fail)[1], "test", fail)
+    prompt, entry, test = (_required(rec, k, fail) for k in ("prompt", "entry_point", "test"))
     try:
         defined = {n.name for n in ast.parse(test).body if isinstance(n, ast.FunctionDef)}
     except SyntaxError as e:
         raise fail(f"`test` is not Python ({e})", "Give the dataset's records as published.") from None
     if "check" not in defined:
-        raise fail("`test` defines no `check(candidate)`", "Give the evalplus/humanevalplus records as published.")
+        raise fail("`test` defines no `check(candidate)`",
+                   "Give the evalplus/humanevalplus records as published.")
     extra = {"index": index, "task_id": rec.get("task_id"), "entry_point": entry}
     if isinstance(rec.get("canonical_solution"), str):
         extra["reference_solution"] = prompt + rec["canonical_solution"]
-    return _row(humaneval_prompt(prompt, entry), checked_tests({"test_code": [test], "entry_point": entry}, fail),
-                "humanevalplus", extra)
+    tests = checked_tests({"test_code": [test], "entry_point": entry}, fail)
+    return _row(humaneval_prompt(prompt, entry), tests, "humanevalplus", extra)
 
 
 def _kodcode_names(rec: dict[str, Any]) -> list[str]:
@@ -144,11 +152,12 @@ def unrunnable_tests(test: str) -> str | None:
         return "tests that are not valid Python"
     if any(isinstance(n, ast.ClassDef) and n.name.startswith("Test") for n in body):
         return "tests in classes"
-    tests = [n for n in body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name.startswith("test")]
-    a = [n.args for n in tests]
-    if any(n.decorator_list for n in tests) or any(x.args or x.posonlyargs or x.kwonlyargs or x.vararg or x.kwarg
-                                                   for x in a):
-        return "tests taking pytest fixtures or parameters"
+    tests = [n for n in body
+             if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name.startswith("test")]
+    for fn in tests:
+        a = fn.args
+        if fn.decorator_list or a.args or a.posonlyargs or a.kwonlyargs or a.vararg or a.kwarg:
+            return "tests taking pytest fixtures or parameters"
     if not tests and not any(isinstance(n, ast.Assert) for n in body):
         return "no test functions"
     return None
@@ -156,7 +165,7 @@ def unrunnable_tests(test: str) -> str | None:
 
 def kodcode_row(rec: Any, index: int, fail: Fail, options: Options) -> dict[str, Any] | Skip:
     """One KodCode record as a row (a Skip when the grader could not run its tests)."""
-    question = text_field(first_field(rec, ("question",), fail)[1], "question", fail)
+    question = _required(rec, "question", fail)
     key, test = first_field(rec, ("test", "test_code"), fail)
     test = text_field(test, key, fail)
     names = _kodcode_names(rec)
@@ -175,8 +184,8 @@ def kodcode_row(rec: Any, index: int, fail: Fail, options: Options) -> dict[str,
         parts.append(f"Your code must define `{declaration or names[0]}`; the tests import it "
                      f"with `from solution import {', '.join(names)}`.")
     parts.append(CODE_TAIL)
-    extra = {"index": index, **{k: rec.get(k) for k in ("question_id", "subset", "style", "gpt_difficulty")
-                                if rec.get(k) is not None}, "function_names": names}
+    kept = ("question_id", "subset", "style", "gpt_difficulty")
+    extra = {"index": index, **{k: rec[k] for k in kept if rec.get(k) is not None}, "function_names": names}
     if isinstance(rec.get("solution"), str):
         extra["reference_solution"] = rec["solution"]
     return _row("\n\n".join(parts), checked_tests({"test_code": [test]}, fail), "kodcode", extra)

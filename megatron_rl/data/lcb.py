@@ -66,10 +66,13 @@ def lcb_input_files(inputs: list[str], version: str | None) -> list[str]:
             names = release_files(version) if version else sorted(
                 n for n in os.listdir(path) if n.startswith("test") and n.endswith(".jsonl"))
             missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
-            if missing or not names:
-                raise DataError(f"{path}: {', '.join(missing) or 'no test*.jsonl file'} missing "
-                                f"(LiveCodeBench {version or 'files'} needs {', '.join(names) or 'test*.jsonl'}). "
-                                "Download the dataset's JSONL files into this directory.")
+            if not names:
+                raise DataError(f"{path}: no test*.jsonl file in this directory. Download "
+                                "livecodebench/code_generation_lite's JSONL files into it.")
+            if missing:
+                raise DataError(f"{path}: {', '.join(missing)} missing (LiveCodeBench {version} is "
+                                f"{', '.join(names)}). Download them into this directory, or name "
+                                "the release your files make up.")
             files += [os.path.join(path, n) for n in names]
         else:
             files.append(path)

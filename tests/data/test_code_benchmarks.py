@@ -242,3 +242,14 @@ def test_kodcode_graded_and_unrunnable_tests_skipped(tmp_path: Path) -> None:
         ok = f"```python\n{rec['solution']}```"
         assert grade_code(ok, row["answer"], timeout_s=5).score == 1.0
         assert grade_code(ok.replace("any(", "all("), row["answer"], timeout_s=5).score == 0.0
+
+
+def test_livecodebench_directory_without_the_release_files(tmp_path: Path) -> None:
+    d = lcb_dir(tmp_path)
+    done = run_cli("data", "livecodebench", "--input", str(d), "--release-version", "release_v5",
+                   "--output", str(tmp_path / "o.parquet"))
+    assert done.returncode == 2 and f"{d}: test4.jsonl, test5.jsonl missing (LiveCodeBench release_v5 is " \
+                                    "test.jsonl, test2.jsonl, test3.jsonl, test4.jsonl, test5.jsonl)" in done.stderr
+    (tmp_path / "empty").mkdir()
+    done = run_cli("data", "livecodebench", "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o.parquet"))
+    assert done.returncode == 2 and "no test*.jsonl file in this directory" in done.stderr, done.stderr
