@@ -253,3 +253,19 @@ def test_livecodebench_directory_without_the_release_files(tmp_path: Path) -> No
     (tmp_path / "empty").mkdir()
     done = run_cli("data", "livecodebench", "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o.parquet"))
     assert done.returncode == 2 and "no test*.jsonl file in this directory" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("name, rec, what", [
+    ("humanevalplus", {"task_id": "HumanEval/3", "prompt": HE_PROMPT, "entry_point": "below_zero",
+                       "test": "assert True\n"}, "`test` defines no `check(candidate)`"),
+    ("humanevalplus", {"task_id": "HumanEval/3", "prompt": HE_PROMPT, "test": HE_TEST},
+     "none of the fields `entry_point` is present"),
+    ("kodcode", {"question": "q", "test": "def test_a():\n    assert f(1)\n"},
+     "the tests do not name what they import from `solution`"),
+    ("kodcode", {"test": "from solution import f\n"}, "none of the fields `question` is present"),
+])
+def test_malformed_code_input_is_one_paragraph(tmp_path: Path, name: str, rec: dict, what: str) -> None:
+    src = write_raw(tmp_path / "raw.jsonl", [rec], "jsonl")
+    done = run_cli("data", name, "--input", str(src), "--output", str(tmp_path / "o.parquet"))
+    assert done.returncode == 2 and done.stderr.startswith(f"megatron-rl data: error: {src}, line 1: "), done.stderr
+    assert what in done.stderr and done.stderr.count("\n") == 1
