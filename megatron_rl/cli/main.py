@@ -26,6 +26,7 @@ SUBCOMMANDS = (
     "megatron_rl.cli.serve",
     "megatron_rl.cli.eval",
     "megatron_rl.cli.generate",
+    "megatron_rl.cli.plan",
 )
 
 

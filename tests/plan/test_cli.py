@@ -1,0 +1,40 @@
+"""``megatron-rl plan`` as the user types it, on every recipe in configs/."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.helpers import env
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = str(Path(sys.executable).parent / "megatron-rl")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    """The command as the user types it (launcher variables stripped by ``env``)."""
+    return subprocess.run([CLI, "plan", *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env())
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_plan_runs_on_every_recipe(recipe):
+    r = _run(f"configs/{recipe}", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert isinstance(out["fits"], bool) and out["per_gpu_gib"] > 0
+    assert {"weights", "grads_fp32", "optimizer", "activations", "logits_fused", "logits_unfused",
+            "rollout_reserved"} <= set(out["breakdown"])
+
+
+def test_plan_printout_names_the_fix():
+    r = _run("configs/deepcoder_14b_32k.yaml", "parallel.tp=1", "parallel.cp=1", "parallel.dp=32",
+             "parallel.sp=false", "rollout.max_new_tokens=65536", "train.max_tokens_per_microbatch=67584")
+    assert r.returncode == 0, r.stderr
+    assert "DOES NOT FIT" in r.stdout and "smallest fix: parallel." in r.stdout
+
+
+def test_bad_gpu_is_a_clear_error():
+    r = _run("configs/deepcoder_14b_32k.yaml", "--gpu", "v100")
+    assert r.returncode == 2 and "unknown --gpu 'v100'" in r.stderr
