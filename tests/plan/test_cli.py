@@ -1,16 +1,20 @@
 """``megatron-rl plan`` as the user types it, on every recipe in configs/."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.trainer.helpers import env
-
 ROOT = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "megatron-rl")
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+
+
+def env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
