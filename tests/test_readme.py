@@ -84,6 +84,7 @@ README_COMMANDS: dict[str, tuple[str, int, str]] = {
         "megatron-rl train configs/deepscaler_1.5b_8k.yaml", 2, "models/DeepSeek-R1-Distill-Qwen-1.5B does not exist"),
     "megatron-rl convert hf-to-mcore --hf HF_DIR --out CKPT --tp 2 --pp 2": (
         "megatron-rl convert hf-to-mcore --hf runs/demo/model --out ckpt --tp 2 --pp 2", 0, "wrote megatron checkpoint"),
+    **_same("megatron-rl plan configs/deepcoder_14b_32k.yaml", "peak per GPU: 72.57 of 79.6 GiB -> FITS"),
     "megatron-rl convert mcore-to-hf --ckpt CKPT --out HF_DIR": (
         "megatron-rl convert mcore-to-hf --ckpt ckpt --out hf_back", 0, "wrote HF model"),
     "torchrun --nproc-per-node 4 -m megatron_rl logprobs --model HF_DIR_OR_CKPT "

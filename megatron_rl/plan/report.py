@@ -24,17 +24,19 @@ def render(p: Plan, recipe: str, source: str) -> str:
         "(10 B x tokens/cp x vocab/tp)",
         f"  overhead      {b['overhead']:8.2f}  {OVERHEAD_NOTE}",
         f"  = training phase {b['train_phase']:.2f}",
-        f"  rollout       {b['rollout_reserved']:8.2f}  mem_fraction {r['mem_fraction']} x GPU: server weights "
-        f"{r['server_weights_gib']:.2f} + KV room {r['kv_room_gib']:.2f} ({r['kv_tokens']} tokens, "
-        f"{r['full_length_samples']} full-length samples), {'colocated' if r['colocated'] else 'own GPUs'}",
+        f"  rollout       {b['rollout_reserved']:8.2f}  mem_fraction {r['mem_fraction']} x GPU "
+        f"({'colocated' if r['colocated'] else 'own GPUs'}): server weights {r['server_weights_gib']:.2f}",
+        f"                          + KV room {r['kv_room_gib']:.2f} = {r['kv_tokens']} tokens "
+        f"({r['full_length_samples']} full-length samples)",
         f"  = rollout phase {b['rollout_phase']:.2f}" + (" (training state stays resident)" if r["colocated"] else ""),
         f"peak per GPU: {p.per_gpu_gib:.2f} of {p.gpu_memory_gib} GiB -> {'FITS' if p.fits else 'DOES NOT FIT'}",
         "step time (estimate):",
         f"  rollout  {t['rollout_s']:7d} s  decode {t['decode_tokens_per_s_per_server']} tok/s/server at batch "
-        f"{t['decode_batch_per_server']}: (weights + batch x KV) read per token at {DECODE_BW_EFFICIENCY:.0%} "
-        "of HBM bandwidth; responses average half of max_new_tokens, the longest sets the length",
-        f"  train    {t['train_s']:7d} s  {t['train_tflop']} TFLOP (6 x params x tokens + attention, x 8/6 with full "
-        f"recompute, + 2/6 per log-prob pass) at MFU {t['mfu']}",
+        f"{t['decode_batch_per_server']}: weights + batch x KV read per step",
+        f"                    at {DECODE_BW_EFFICIENCY:.0%} of HBM bandwidth; responses average max_new_tokens/2, "
+        "the longest sets the length",
+        f"  train    {t['train_s']:7d} s  {t['train_tflop']} TFLOP at MFU {t['mfu']}: 6 x params x tokens + attention,",
+        "                    x 8/6 with full recompute, + 2/6 per log-prob pass",
         f"  sync     {t['sync_s']:7.1f} s  2 B x params over one inter-node link",
         f"  step     {t['step_s']:7d} s",
     ]
