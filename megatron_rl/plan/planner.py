@@ -103,7 +103,7 @@ def _evaluate(cfg: RunConfig, m: ModelDims, g: GpuSpec, lay: Layout, fused: bool
         notes.append(f"the rollout server's KV room ({kv_room / GIB:.1f} GiB) holds {kv_tokens:.0f} tokens, "
                      f"less than one {sample}-token sample: raise rollout.mem_fraction or rollout.tp_size")
 
-    gib = lambda b: round(b / GIB, 2)  # noqa: E731
+    gib = lambda b: round(b / GIB, 6)  # noqa: E731 (6 places: the CPU demo model is MiB-sized)
     breakdown = {
         "weights": gib(w), "grads_fp32": gib(gr),
         "optimizer": gib(opt), "optimizer_if_" + ("not_distributed" if lay.distributed_optimizer else "distributed"):
