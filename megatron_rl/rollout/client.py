@@ -357,6 +357,12 @@ class RolloutClient:
         await self._each("update_weights_from_tensor", payload, weight_version=weight_version)
         self._note_version(weight_version)
 
+    async def post_weights(self, path: str, body: dict[str, Any]) -> None:
+        """POST a weight-update body built by ``megatron_rl.weights`` (e.g. a delta or a shared-memory
+        handle) to every server; raises RolloutError on any refusal."""
+        await self._each("_weights", path, body)
+        self._note_version(body.get("weight_version"))
+
     def _note_version(self, version: str | None) -> None:
         if version is not None:
             self.expected_weight_version = version

@@ -222,21 +222,98 @@ class EmbeddedEngine:
         self._thread.join(timeout=10)
 
     # ----------------------------------------------------------------- weights
+    weight_shm_dir: str | None = None
+    """Directory whose files /update_weights_from_tensor may name (load_format ``shared_memory``,
+    colocated sync); None refuses that format. Set by ``serve --weight-shm-dir``."""
+    _unverified: frozenset[str] = frozenset()
+    """Tensors whose checksum failed after a delta: they refuse deltas until loaded in full."""
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy HF-named tensors into the model (cast to its dtype); BadRequest on unknown names/shapes."""
-        count = 0
+        loaded: list[str] = []
+        try:
+            with self._model_lock, torch.no_grad():
+                for name, tensor in named_tensors:
+                    target = self._target(name, tuple(tensor.shape), len(loaded))
+                    target.copy_(tensor)  # copy_ casts (bf16 -> fp32) without a temporary
+                    loaded.append(name)
+        finally:
+            if self._unverified:
+                self._unverified = self._unverified.difference(loaded)
+        return len(loaded)
+
+    def _target(self, name: str, shape: tuple[int, ...], done: int) -> torch.Tensor:
+        target = self._targets.get(name)
+        if target is None:
+            raise BadRequest(f"Unknown parameter name {name!r} for this model "
+                             f"(e.g. {next(iter(self._targets))!r}); {done} tensors were loaded before it.")
+        if tuple(target.shape) != shape:
+            raise BadRequest(f"Shape mismatch for {name!r}: model has {tuple(target.shape)}, "
+                             f"got {shape}; {done} tensors were loaded before it.")
+        return target
+
+    def load_flat(self, flat: torch.Tensor, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                  delta: dict[str, Any] | None = None) -> int:
+        """Load one flat bucket (SGLang's flattened_bucket bytes) or, with ``delta``, a delta payload.
+
+        A delta is applied, then every tensor of the bucket is checked against the sender's
+        checksum; a mismatch raises BadRequest with ``MISMATCH_MARKER`` (the sender then sends
+        the bucket in full) and leaves those tensors refusing deltas until a full load."""
+        from megatron_rl.weights import delta as D
+        from megatron_rl.weights.sync import unflatten_bucket
+
+        torch_dtypes = _wire_dtypes(names, dtypes, shapes)
+        if delta is None:
+            try:
+                tensors = unflatten_bucket(flat, torch_dtypes, shapes)
+            except ValueError as e:
+                raise BadRequest(f"Bad flattened bucket: {e}.") from None
+            return self.load_weights(zip(names, tensors))
+        try:
+            header = D.DeltaHeader.from_json(delta, len(names))
+        except ValueError as e:
+            raise BadRequest(f"Bad delta header: {e}.") from None
+        if len(set(torch_dtypes)) != 1:
+            raise BadRequest(f"A delta bucket holds tensors of one dtype, got {sorted(set(dtypes))}.")
+        stale = sorted(self._unverified.intersection(names))
+        if stale:
+            raise BadRequest(f"{D.MISMATCH_MARKER}: {stale[:3]} (of {len(stale)}) failed an earlier delta's checksum "
+                             "and take a full update before any delta.")
         with self._model_lock, torch.no_grad():
-            for name, tensor in named_tensors:
-                target = self._targets.get(name)
-                if target is None:
-                    raise BadRequest(f"Unknown parameter name {name!r} for this model "
-                                     f"(e.g. {next(iter(self._targets))!r}); {count} tensors were loaded before it.")
-                if tuple(target.shape) != tuple(tensor.shape):
-                    raise BadRequest(f"Shape mismatch for {name!r}: model has {tuple(target.shape)}, "
-                                     f"got {tuple(tensor.shape)}; {count} tensors were loaded before it.")
-                target.copy_(tensor.to(target.dtype))
-                count += 1
-        return count
+            targets = [self._target(n, tuple(s), i) for i, (n, s) in enumerate(zip(names, shapes))]
+            try:
+                bad = D.apply(targets, torch_dtypes[0], header, flat)
+            except ValueError as e:
+                bad = list(range(len(names)))  # possibly half applied: nothing in the bucket is trusted
+                reason = f"malformed payload ({e})"
+            else:
+                reason = f"{len(bad)} tensor(s) differ from the sender's after the {header.encoding} delta"
+        if bad:
+            self._unverified = self._unverified.union(names[i] for i in bad)
+            raise BadRequest(f"{D.MISMATCH_MARKER}: {reason}, e.g. {[names[i] for i in bad[:3]]}. They now hold "
+                             "unverified values and refuse deltas until sent in full.")
+        return len(names)
+
+    def load_shared_memory(self, handles: list[Any]) -> int:
+        """/update_weights_from_tensor with load_format ``shared_memory``: one bucket in a file of
+        ``weight_shm_dir`` (see ``megatron_rl.weights.shm``); the JSON handle is validated, never unpickled."""
+        from megatron_rl.weights.shm import map_shared_file
+
+        if self.weight_shm_dir is None:
+            raise BadRequest("load_format 'shared_memory' needs a server started with --weight-shm-dir "
+                             "(the directory the trainer writes its buckets to).")
+        if not isinstance(handles, list) or len(handles) != 1 or not isinstance(handles[0], dict):
+            raise BadRequest("serialized_named_tensors must be a list of one handle object for load_format "
+                             "'shared_memory' (this server has one TP rank).")
+        h = handles[0]
+        missing = [k for k in ("name", "nbytes", "names", "dtypes", "shapes") if k not in h]
+        if missing:
+            raise BadRequest(f"shared-memory handle lacks {missing}.")
+        try:
+            flat = map_shared_file(self.weight_shm_dir, h["name"], h["nbytes"])
+        except (ValueError, OSError) as e:
+            raise BadRequest(f"Bad shared-memory handle: {e}.") from None
+        return self.load_flat(flat, h["names"], h["dtypes"], h["shapes"], h.get("delta"))
 
     def load_from_disk(self, path: str) -> int:
         """Load every ``*.safetensors`` file of a directory (one file at a time)."""
@@ -285,19 +362,24 @@ class EmbeddedEngine:
         group.close()
 
     def receive_weights(self, names: list[str], dtypes: list[str], shapes: list[list[int]], group_name: str,
-                        flattened: bool) -> int:
-        """Receive one bucket by broadcast from rank 0 (SGLang's order), then load it."""
-        from megatron_rl.weights.sync import bucket_nbytes, dtype_from_name, unflatten_bucket
+                        flattened: bool, delta: dict[str, Any] | None = None) -> int:
+        """Receive one bucket by broadcast from rank 0 (SGLang's order), then load it.
+
+        With ``delta`` (load_format ``delta``) the broadcast is the delta payload of
+        ``delta["payload_bytes"]`` bytes (see ``load_flat``)."""
+        from megatron_rl.weights.sync import bucket_nbytes, unflatten_bucket
 
         group = self._groups.get(group_name)
         if group is None:
             raise BadRequest(f"No weight group named {group_name!r}: call /init_weights_update_group first.")
-        if not (len(names) == len(dtypes) == len(shapes)):
-            raise BadRequest(f"names, dtypes and shapes differ in length ({len(names)}, {len(dtypes)}, {len(shapes)}).")
-        try:
-            torch_dtypes = [dtype_from_name(d) for d in dtypes]
-        except ValueError as e:
-            raise BadRequest(f"Bad dtype in update_weights_from_distributed: {e}.") from None
+        torch_dtypes = _wire_dtypes(names, dtypes, shapes)
+        if delta is not None:
+            size = delta.get("payload_bytes") if isinstance(delta, dict) else None
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise BadRequest(f"delta.payload_bytes must be a non-negative integer, got {size!r}.")
+            payload = torch.empty(size, dtype=torch.uint8)
+            group.broadcast([payload])
+            return self.load_flat(payload, names, dtypes, shapes, delta)
         if flattened:
             flat = torch.empty(bucket_nbytes(torch_dtypes, shapes), dtype=torch.uint8)
             group.broadcast([flat])
@@ -539,6 +621,22 @@ def _append_token(job: Job, token: int, logprob: float, version: str) -> None:
         except Exception:  # noqa: BLE001 - a listener's bug must not end the generation
             log.exception("on_token hook of job %s failed; dropped", job.rid)
             job.on_token = None
+
+
+def _wire_dtypes(names: list[str], dtypes: list[str], shapes: list[list[int]]) -> list[torch.dtype]:
+    """Torch dtypes of a weight request's ``dtypes``; BadRequest on a length or dtype error."""
+    from megatron_rl.weights.sync import dtype_from_name
+
+    if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)):
+        raise BadRequest("names, dtypes and shapes must be lists.")
+    if not (len(names) == len(dtypes) == len(shapes)):
+        raise BadRequest(f"names, dtypes and shapes differ in length ({len(names)}, {len(dtypes)}, {len(shapes)}).")
+    if not all(isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in shapes):
+        raise BadRequest("shapes must be lists of non-negative integers.")
+    try:
+        return [dtype_from_name(d) for d in dtypes]
+    except ValueError as e:
+        raise BadRequest(f"Bad dtype in a weight update: {e}.") from None
 
 
 def _load_tokenizer(model_path: str) -> Any:

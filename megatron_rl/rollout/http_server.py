@@ -226,7 +226,14 @@ async def update_from_disk(request: web.Request) -> web.Response:
 async def update_from_tensor(request: web.Request) -> web.Response:
     body = await json_body(request)
     (serialized,) = _need(body, "serialized_named_tensors")
-    return await _weights_reply(request, body, request.app[ENGINE_KEY].load_serialized, serialized)
+    engine = request.app[ENGINE_KEY]
+    fmt = body.get("load_format")
+    if fmt == "shared_memory":  # colocated: a JSON handle to a file of --weight-shm-dir
+        return await _weights_reply(request, body, engine.load_shared_memory, serialized)
+    if fmt is not None:
+        raise BadRequest(f"load_format {fmt!r} is not supported here; use null (base64 safetensors) or "
+                         "'shared_memory'.")
+    return await _weights_reply(request, body, engine.load_serialized, serialized)
 
 
 async def update_from_distributed(request: web.Request) -> web.Response:
@@ -234,11 +241,12 @@ async def update_from_distributed(request: web.Request) -> web.Response:
     names, dtypes, shapes = _need(body, "names", "dtypes", "shapes")
     group = str(body.get("group_name") or "weight_update_group")
     fmt = body.get("load_format")
-    if fmt not in (None, "flattened_bucket"):
-        raise BadRequest(f"load_format {fmt!r} is not supported; use null or 'flattened_bucket'.")
+    if fmt not in (None, "flattened_bucket", "delta"):
+        raise BadRequest(f"load_format {fmt!r} is not supported; use null, 'flattened_bucket' or 'delta'.")
+    delta = _need(body, "delta")[0] if fmt == "delta" else None
     engine = request.app[ENGINE_KEY]
     return await _weights_reply(request, body, engine.receive_weights, names, dtypes, shapes, group,
-                                fmt == "flattened_bucket")
+                                fmt == "flattened_bucket", delta)
 
 
 async def init_group(request: web.Request) -> web.Response:

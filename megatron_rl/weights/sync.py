@@ -27,7 +27,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -91,6 +91,10 @@ class WeightReceiver(Protocol):
     async def update_weights_from_disk(self, path: str, *, weight_version: str | None) -> None: ...
 
     async def update_weights_from_tensor(self, named_tensors: NamedTensors, *, weight_version: str | None) -> None: ...
+
+    async def post_weights(self, path: str, body: dict) -> None:
+        """POST a weight-update body (SGLang route and fields) to every server; raises on a refusal."""
+        ...
 
 
 def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -245,27 +249,10 @@ class DistributedSender:
         for bucket in iter_buckets(named_tensors, bucket_bytes):
             tensors = [t.detach().to(self.group.device).contiguous() for _, t in bucket]
             payload = [flatten_bucket(tensors)] if flattened else tensors
-            # The servers block in their receive until our broadcast; both must run together.
-            receiving = asyncio.ensure_future(self.receiver.update_weights_from_distributed(
+            await broadcast_during(self.receiver.update_weights_from_distributed(
                 names=[n for n, _ in bucket], dtypes=[dtype_name(t.dtype) for t in tensors],
                 shapes=[list(t.shape) for t in tensors], group_name=self.group.name,
-                flattened=flattened, weight_version=weight_version))
-            broadcasting = asyncio.ensure_future(asyncio.to_thread(self.group.broadcast, payload))
-            done, _ = await asyncio.wait({receiving, broadcasting}, return_when=asyncio.FIRST_EXCEPTION)
-            if broadcasting in done and broadcasting.exception() is not None and not receiving.done():
-                # A peer left the group (a server died): its HTTP call usually fails at once too,
-                # and that error names the server; wait for it a little.
-                await asyncio.wait({receiving}, timeout=BROADCAST_FAILURE_GRACE_S)
-            failed = [t for t in (receiving, broadcasting) if t.done() and t.exception() is not None]
-            if failed:
-                # A server refused or died: the other side may only end at the group's timeout
-                # (and the group is then out of step: close it and reconnect). Raise now.
-                for task in (receiving, broadcasting):
-                    task.add_done_callback(_retrieve_exception)
-                receiving.cancel()  # a still-pending HTTP call would linger until its timeout
-                raise _as_rollout_error(failed[0].exception(), self.group.name)
-            await broadcasting
-            await receiving
+                flattened=flattened, weight_version=weight_version), self.group, payload)
             total += sum(t.numel() * t.element_size() for t in tensors)
             count += len(tensors)
             buckets += 1
@@ -274,6 +261,35 @@ class DistributedSender:
     async def close(self) -> None:
         await self.receiver.destroy_weights_update_group(self.group.name)
         self.group.close()
+
+
+async def broadcast_during(call: Awaitable[object], group: WeightGroup, payload: Sequence[torch.Tensor]) -> None:
+    """Run a server call (an update_weights_from_distributed) while broadcasting ``payload`` to it.
+
+    The servers block in their receive until our broadcast; both must run together. If the
+    call fails (a refusal: the server always receives in full first) the broadcast is given
+    ``BROADCAST_FAILURE_GRACE_S`` to finish, so the group stays in step when it can; then the
+    first error is raised (a RolloutError for a refusal or a failed broadcast).
+    """
+    receiving = asyncio.ensure_future(call)
+    broadcasting = asyncio.ensure_future(asyncio.to_thread(group.broadcast, payload))
+    done, _ = await asyncio.wait({receiving, broadcasting}, return_when=asyncio.FIRST_EXCEPTION)
+    if broadcasting in done and broadcasting.exception() is not None and not receiving.done():
+        # A peer left the group (a server died): its HTTP call usually fails at once too,
+        # and that error names the server; wait for it a little.
+        await asyncio.wait({receiving}, timeout=BROADCAST_FAILURE_GRACE_S)
+    elif receiving in done and receiving.exception() is not None and not broadcasting.done():
+        await asyncio.wait({broadcasting}, timeout=BROADCAST_FAILURE_GRACE_S)
+    failed = [t for t in (receiving, broadcasting) if t.done() and t.exception() is not None]
+    if failed:
+        # A server refused or died: the other side may only end at the group's timeout
+        # (and the group is then out of step: close it and reconnect). Raise now.
+        for task in (receiving, broadcasting):
+            task.add_done_callback(_retrieve_exception)
+        receiving.cancel()  # a still-pending HTTP call would linger until its timeout
+        raise _as_rollout_error(failed[0].exception(), group.name)
+    await broadcasting
+    await receiving
 
 
 def _retrieve_exception(task: asyncio.Future) -> None:
