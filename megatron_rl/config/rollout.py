@@ -45,6 +45,12 @@ class RolloutConfig:
     """Weight sync: broadcast over a process group (NCCL/gloo), a safetensors dir, or tensors over HTTP."""
     bucket_size_mb: int = 512
     """Weight sync bucket size in MiB: tensors are sent in groups of about this many bytes."""
+    sync_delta: bool = False
+    """Weight sync sends only the weights that changed since the last sync (per bucket, with a
+    checksum per tensor; a server that finds a mismatch gets the bucket in full). Costs one copy
+    of each pipeline stage's weights on its sending rank. Needs sync_transport distributed."""
+    sync_full_every: int = 10
+    """With sync_delta: every sync_full_every-th sync is full anyway (0 = only the first)."""
     temperature: float = 0.6
     """Sampling temperature (0 = greedy)."""
     top_p: float = 1.0
@@ -113,6 +119,10 @@ class RolloutConfig:
         require(self.max_retries >= 0, "`rollout.max_retries` must be >= 0.")
         require(self.max_inflight_per_server >= 1, "`rollout.max_inflight_per_server` must be >= 1.")
         require(self.bucket_size_mb >= 1, "`rollout.bucket_size_mb` must be >= 1.")
+        require(self.sync_full_every >= 0, "`rollout.sync_full_every` must be >= 0 (0 = only the first sync is full).")
+        require(not self.sync_delta or self.sync_transport == "distributed",
+                f"`rollout.sync_delta: true` sends deltas over the weight group: set `rollout.sync_transport: "
+                f"distributed` (it is `{self.sync_transport}`), or sync_delta false.")
         require(self.temperature >= 0, "`rollout.temperature` must be >= 0 (0 = greedy).")
         require(0.0 < self.top_p <= 1.0, "`rollout.top_p` must be in (0, 1].")
         require(self.top_k == -1 or self.top_k >= 1, "`rollout.top_k` must be -1 (off) or >= 1.")
