@@ -22,8 +22,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_processes(model_dir: Path, count: int, tmp_path: Path, timeout_s: float = 90.0) -> Iterator[list]:
-    """``count`` ``python -m megatron_rl.rollout.serve`` processes, healthy, stopped on exit."""
+def serve_processes(model_dir: Path, count: int, tmp_path: Path, timeout_s: float = 90.0,
+                    extra_args: tuple[str, ...] = ()) -> Iterator[list]:
+    """``count`` ``python -m megatron_rl.rollout.serve`` processes, healthy, stopped on exit;
+    ``extra_args`` go to every one of them."""
     from megatron_rl.rollout.servers import (
         LaunchSpec,
         embedded_command,
@@ -37,7 +39,7 @@ def serve_processes(model_dir: Path, count: int, tmp_path: Path, timeout_s: floa
         for i in range(count):
             port = free_port()
             spec = LaunchSpec(engine="embedded", model_path=str(model_dir), port=port,
-                              extra_args=["--threads", "1", "--seed", str(i)])
+                              extra_args=["--threads", "1", "--seed", str(i), *extra_args])
             servers.append(start_process(embedded_command(spec), f"http://127.0.0.1:{port}",
                                          tmp_path / f"serve-{i}.log", {"CUDA_VISIBLE_DEVICES": ""}))
         wait_healthy(servers, timeout_s)

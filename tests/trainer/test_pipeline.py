@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 import time
 
 import pytest
@@ -17,15 +16,14 @@ from megatron_rl.config.rollout import RolloutConfig
 from megatron_rl.errors import ConfigError, RolloutError
 from megatron_rl.trainer.pipeline import Batch, RolloutPipeline, staleness_metrics, version_of
 from megatron_rl.trainer.samples import ScoredSample
+from megatron_rl.trainer.session import LoopThread
 
 
-class Loop:
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+class Loop(LoopThread):
+    """The trainer's loop thread; a hang fails the test instead of stalling it."""
 
     def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+        return self.submit(coro).result(timeout=30)
 
 
 def sample(version: int, step: int = 0) -> ScoredSample:

@@ -6,7 +6,6 @@ After every sync each server's log-probs must equal those of a `transformers` mo
 the actor's exported weights (the server's weights are the actor's, bit for bit; each delta
 bucket was also checked by the server against the sender's per-tensor checksums)."""
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ for extra in (TESTS, TESTS / "rollout"):
 
 from helpers.launch import torchrun  # noqa: E402
 from helpers.tiny_models import make_tiny_hf  # noqa: E402
-from rollout_helpers import TINY, free_port  # noqa: E402
+from rollout_helpers import TINY, serve_processes  # noqa: E402
 
 WORKER = Path(__file__).parent / "workers" / "stage_sync_worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -31,29 +30,8 @@ from stage_sync_worker import SEQS  # noqa: E402
 VERSIONS = ["v1", "v2", "v3", "v4", "v5"]
 
 
-@contextlib.contextmanager
 def shm_servers(model_dir: Path, count: int, tmp: Path, shm_dir: Path):
-    from megatron_rl.rollout.servers import (
-        LaunchSpec,
-        embedded_command,
-        start_process,
-        stop_process,
-        wait_healthy,
-    )
-
-    servers = []
-    try:
-        for i in range(count):
-            port = free_port()
-            spec = LaunchSpec(engine="embedded", model_path=str(model_dir), port=port,
-                              extra_args=["--threads", "1", "--weight-shm-dir", str(shm_dir)])
-            servers.append(start_process(embedded_command(spec), f"http://127.0.0.1:{port}",
-                                         tmp / f"serve-{i}.log", {"CUDA_VISIBLE_DEVICES": ""}))
-        wait_healthy(servers, 90.0)
-        yield servers
-    finally:
-        for server in servers:
-            stop_process(server, grace_s=5.0)
+    return serve_processes(model_dir, count, tmp, extra_args=("--weight-shm-dir", str(shm_dir)))
 
 
 @pytest.fixture(scope="module")
