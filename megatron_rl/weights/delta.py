@@ -2,9 +2,14 @@
 
 After one optimizer step at RL learning rates most bf16 weights round to the same value, so a
 bucket is sent as (positions, new values) of the changed elements. Positions are encoded as
-``indices`` (int32/int64, one per changed element) or a ``bitmask`` (one bit per element),
-whichever is smaller, or the bucket goes ``dense`` (every byte) when that is smaller still.
-Elements are compared as integers of their width, so NaN payloads and -0.0 compare exactly.
+``indices`` (int32/int64, one per changed element, for very sparse changes) or a two-level
+``bitmask`` (one bit per element, and of those bytes only the non-zero ones, located by a
+second bitmask of one bit per byte), whichever is smaller, or the bucket goes ``dense`` (every
+byte) when that is smaller still. At 4.5% of bf16 elements changed (one Adam step at lr 1e-6
+on the 494M benchmark model) the two-level mask costs 0.055 bytes per element where a plain
+one costs 0.125: 7% of the full bytes instead of 11%. Elements are compared as integers of
+their width, so NaN payloads and -0.0 compare exactly. The scans run in numpy (its compare,
+packbits and flatnonzero measured 2-4x faster than torch's equivalents here).
 
 Every delta carries a checksum of each tensor's full new bytes: the receiver recomputes it
 on its weights after applying the delta (cast back to the sender's dtype, exact for values
@@ -13,10 +18,13 @@ that came from that dtype) and refuses the update on a mismatch with a message h
 sender's last sync) is reported, never silently kept; the sender then sends that bucket in
 full.
 
-Payload layout (uint8, little endian), N elements of E bytes, K changed:
+Payload layout (uint8, little endian), N elements of E bytes, K changed, each section padded
+to a multiple of 8 bytes:
 - ``dense``: the N*E bytes of the bucket;
-- ``indices``: K int32 indices (int64 when N >= 2**31), padded to 8 bytes, then K values;
-- ``bitmask``: ceil(N / 8) bytes (bit i of byte j is element 8j + i), padded to 8, then K values.
+- ``indices``: K int32 indices (int64 when N >= 2**31), then K values;
+- ``bitmask``: M = ceil(N / 8) mask bytes (bit i of byte j is element 8j + i); sent as
+  ceil(M / 8) bytes marking the non-zero mask bytes (same bit order), then those B non-zero
+  mask bytes, then K values.
 
 Legend: N = elements in the bucket, K = changed elements, E = element size in bytes.
 """
@@ -28,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 Encoding = Literal["dense", "indices", "bitmask"]
@@ -35,8 +44,9 @@ ENCODINGS: tuple[str, ...] = ("dense", "indices", "bitmask")
 MISMATCH_MARKER = "weight checksum mismatch"
 """Text the receiver puts in its refusal when a tensor's checksum fails after a delta."""
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
+_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], dtype=np.int64)
+_BIT_POSITIONS = np.array([[i for i in range(8) if b >> i & 1] + [0] * (8 - bin(b).count("1")) for b in range(256)],
+                          dtype=np.int64)  # row b: the set bits of byte b, low to high
 
 def checksum_algos() -> tuple[str, ...]:
     """Checksums this process can compute: xxh3_64 (fast, if ``xxhash`` is installed) and crc32."""
@@ -47,16 +57,35 @@ def checksum_algos() -> tuple[str, ...]:
     return ("xxh3_64", "crc32")
 
 
-def checksum(data: torch.Tensor, algo: str) -> str:
-    """Hex checksum of a CPU tensor's bytes (any dtype, contiguous)."""
-    buf = memoryview(data.detach().contiguous().view(-1).view(torch.uint8).numpy())
+def _hasher(algo: str) -> tuple[Any, Any, Any]:
+    """(update(state, bytes) -> state, digest(state) -> hex, new state) of a streaming checksum."""
     if algo == "xxh3_64":
         import xxhash
 
-        return xxhash.xxh3_64_hexdigest(buf)
+        def update(h: Any, buf: memoryview) -> Any:
+            h.update(buf)
+            return h
+
+        return update, lambda h: h.hexdigest(), xxhash.xxh3_64
     if algo == "crc32":
-        return f"{zlib.crc32(buf):08x}"
+        return (lambda h, buf: zlib.crc32(buf, h)), (lambda h: f"{h:08x}"), lambda: 0
     raise ValueError(f"unknown checksum algorithm {algo!r}; this process knows {checksum_algos()}")
+
+
+def checksum(data: torch.Tensor, algo: str, *, as_dtype: torch.dtype | None = None, chunk: int = 1 << 20) -> str:
+    """Hex checksum of a CPU tensor's bytes, or of its values cast to ``as_dtype`` (in chunks,
+    through one small buffer: no full-size temporary)."""
+    update, digest, start = _hasher(algo)
+    flat = data.detach().contiguous().view(-1)
+    if as_dtype is None or as_dtype == flat.dtype:
+        return digest(update(start(), memoryview(flat.view(torch.uint8).numpy())))
+    buf = torch.empty(min(chunk, flat.numel()), dtype=as_dtype)
+    state = start()
+    for lo in range(0, flat.numel(), chunk):
+        part = buf[:min(chunk, flat.numel() - lo)]
+        part.copy_(flat[lo:lo + part.numel()])
+        state = update(state, memoryview(part.view(torch.uint8).numpy()))
+    return digest(state)
 
 
 @dataclass(frozen=True)
@@ -112,61 +141,89 @@ def _index_dtype(n: int) -> torch.dtype:
     return torch.int32 if n < 2**31 else torch.int64
 
 
-def encoded_sizes(n: int, k: int, elem_size: int) -> dict[str, int]:
+def _bitmask_head(n: int, b: int) -> int:
+    """Bytes before the values in a bitmask payload with B non-zero mask bytes."""
+    return _pad8(((n + 7) // 8 + 7) // 8) + _pad8(b)
+
+
+def encoded_sizes(n: int, k: int, elem_size: int, nonzero_mask_bytes: int) -> dict[str, int]:
     """Payload bytes of each encoding for N elements of E bytes with K changed."""
     isz = torch.empty((), dtype=_index_dtype(n)).element_size()
     return {"dense": n * elem_size, "indices": _pad8(k * isz) + k * elem_size,
-            "bitmask": _pad8((n + 7) // 8) + k * elem_size}
+            "bitmask": _bitmask_head(n, nonzero_mask_bytes) + k * elem_size}
+
+
+def _expand(byte_idx: np.ndarray, byte_val: np.ndarray) -> np.ndarray:
+    """Element positions (sorted) of the set bits of mask bytes ``byte_val`` at ``byte_idx``."""
+    counts = _POPCOUNT[byte_val]
+    group = np.repeat(np.arange(byte_idx.size), counts)
+    rank = np.arange(group.size) - (np.cumsum(counts) - counts)[group]  # which set bit of its byte
+    return byte_idx[group] * 8 + _BIT_POSITIONS[byte_val[group], rank]
 
 
 def encode(new: torch.Tensor, old: torch.Tensor, elem_size: int) -> tuple[Encoding, int, torch.Tensor, torch.Tensor | None]:
-    """(encoding, K, payload uint8, changed indices (K,) or None for dense) turning ``old`` into
-    ``new`` (both uint8 (N*E,), same size)."""
+    """(encoding, K, payload uint8, changed positions (K,) or None for dense) turning ``old``
+    into ``new`` (both uint8 (N*E,), same size)."""
     if new.numel() != old.numel():
         raise ValueError(f"bucket sizes differ: new {new.numel()} bytes, old {old.numel()}")
-    new_w, old_w = as_words(new, elem_size), as_words(old, elem_size)
-    n = new_w.numel()
-    changed_N = new_w != old_w
-    idx_K = changed_N.nonzero().squeeze(1)
-    k = idx_K.numel()
-    sizes = encoded_sizes(n, k, elem_size)
+    new_w = as_words(new, elem_size).numpy()
+    changed_N = np.not_equal(new_w, as_words(old, elem_size).numpy())
+    n = changed_N.size
+    mask_M = np.packbits(changed_N, bitorder="little")
+    del changed_N
+    byte_idx = np.flatnonzero(mask_M)
+    byte_val = mask_M[byte_idx]
+    pos_K = _expand(byte_idx, byte_val)
+    k = pos_K.size
+    sizes = encoded_sizes(n, k, elem_size, byte_idx.size)
     kind: Encoding = min(sizes, key=lambda e: (sizes[e], ENCODINGS.index(e)))  # type: ignore[assignment]
     if kind == "dense":
         return kind, n, new, None
-    out = torch.empty(sizes[kind], dtype=torch.uint8)
+    out = np.zeros(sizes[kind], dtype=np.uint8)
     head = sizes[kind] - k * elem_size
     if kind == "indices":
-        isz = torch.empty((), dtype=_index_dtype(n)).element_size()
-        out[:k * isz].view(_index_dtype(n)).copy_(idx_K)
+        idx_dtype = np.int32 if _index_dtype(n) == torch.int32 else np.int64
+        out[:k * np.dtype(idx_dtype).itemsize].view(idx_dtype)[:] = pos_K
     else:
-        bits_N8 = torch.zeros(_pad8(n), dtype=torch.uint8)
-        bits_N8[:n] = changed_N
-        packed = (bits_N8.view(-1, 8) * _BITS).sum(1, dtype=torch.uint8)
-        out[:packed.numel()] = packed
-    out[head:].view(new_w.dtype).copy_(new_w[idx_K])
-    return kind, k, out, idx_K
+        level1 = np.packbits(mask_M != 0, bitorder="little")
+        out[:level1.size] = level1
+        start = _pad8(level1.size)
+        out[start:start + byte_val.size] = byte_val
+    out[head:].view(new_w.dtype)[:] = new_w[pos_K]
+    return kind, k, torch.from_numpy(out), torch.from_numpy(pos_K)
 
 
 def decode(header: DeltaHeader, payload: torch.Tensor, n: int, elem_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices int64 (K,), values (K,) as E-byte integers) of a non-dense payload; ValueError if malformed."""
-    k = header.changed
-    sizes = encoded_sizes(n, k, elem_size)
-    if header.encoding == "dense" or payload.numel() != sizes[header.encoding]:
-        raise ValueError(f"{header.encoding} payload of {payload.numel()} bytes for {n} elements with {k} "
-                         f"changed (expected {sizes.get(header.encoding)})")
-    head = sizes[header.encoding] - k * elem_size
-    values_K = as_words(payload[head:], elem_size)
+    """(positions int64 (K,), values (K,) as E-byte integers) of a non-dense payload; ValueError if malformed."""
+    k, raw = header.changed, payload.numpy()
     if header.encoding == "indices":
-        idx_K = payload[:k * torch.empty((), dtype=_index_dtype(n)).element_size()].view(_index_dtype(n)).long()
-        if k and (int(idx_K.min()) < 0 or int(idx_K.max()) >= n or bool((idx_K[1:] <= idx_K[:-1]).any())):
+        want = encoded_sizes(n, k, elem_size, 0)["indices"]
+        if raw.size != want:
+            raise ValueError(f"indices payload of {raw.size} bytes for {n} elements with {k} changed (expected {want})")
+        idx_dtype = np.int32 if _index_dtype(n) == torch.int32 else np.int64
+        pos_K = raw[:k * np.dtype(idx_dtype).itemsize].view(idx_dtype).astype(np.int64)
+        if k and (pos_K[0] < 0 or pos_K[-1] >= n or (np.diff(pos_K) <= 0).any()):
             raise ValueError(f"delta indices must be strictly increasing in [0, {n})")
+    elif header.encoding == "bitmask":
+        m = (n + 7) // 8
+        level1_size = (m + 7) // 8
+        if raw.size < level1_size:
+            raise ValueError(f"bitmask payload of {raw.size} bytes is shorter than its {level1_size}-byte index")
+        byte_idx = np.flatnonzero(np.unpackbits(raw[:level1_size], count=m, bitorder="little"))
+        want = _bitmask_head(n, byte_idx.size) + k * elem_size
+        if raw.size != want:
+            raise ValueError(f"bitmask payload of {raw.size} bytes for {n} elements with {k} changed (expected {want})")
+        start = _pad8(level1_size)
+        byte_val = raw[start:start + byte_idx.size]
+        if not byte_val.all() or int(_POPCOUNT[byte_val].sum()) != k:
+            raise ValueError(f"delta bitmask does not mark exactly {k} elements in non-zero bytes")
+        pos_K = _expand(byte_idx, byte_val)
+        if k and pos_K[-1] >= n:
+            raise ValueError(f"delta bitmask marks elements past the bucket's {n}")
     else:
-        packed = payload[:(n + 7) // 8]
-        bits_N = ((packed.unsqueeze(1) & _BITS) != 0).view(-1)[:n]
-        idx_K = bits_N.nonzero().squeeze(1)
-        if idx_K.numel() != k:
-            raise ValueError(f"delta bitmask marks {idx_K.numel()} elements, header says {k}")
-    return idx_K, values_K
+        raise ValueError(f"decode takes sparse encodings, not {header.encoding!r}")
+    head = raw.size - k * elem_size
+    return torch.from_numpy(pos_K), as_words(payload[head:], elem_size)
 
 
 def tensor_ranges(numels: Sequence[int]) -> list[tuple[int, int]]:
@@ -195,12 +252,12 @@ def apply(targets: Sequence[torch.Tensor], dtype: torch.dtype, header: DeltaHead
         for t, (a, b) in zip(targets, tensor_ranges(numels)):
             t.view(-1).copy_(values_N[a:b])
     else:
-        idx_K, values_K = decode(header, payload, n, elem_size)
+        pos_K, values_K = decode(header, payload, n, elem_size)
         values_K = values_K.view(dtype)
-        bounds = torch.searchsorted(idx_K, torch.tensor([a for a, _ in tensor_ranges(numels)] + [n]))
+        bounds = np.searchsorted(pos_K.numpy(), [a for a, _ in tensor_ranges(numels)] + [n])
         for i, (t, (a, _)) in enumerate(zip(targets, tensor_ranges(numels))):
             lo, hi = int(bounds[i]), int(bounds[i + 1])
             if hi > lo:
-                t.view(-1)[idx_K[lo:hi] - a] = values_K[lo:hi].to(t.dtype)
+                t.view(-1)[pos_K[lo:hi] - a] = values_K[lo:hi].to(t.dtype)
     return [i for i, t in enumerate(targets)
-            if checksum(t if t.dtype == dtype else t.to(dtype), header.checksum_algo) != header.checksums[i]]
+            if checksum(t, header.checksum_algo, as_dtype=dtype) != header.checksums[i]]

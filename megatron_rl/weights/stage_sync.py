@@ -308,15 +308,20 @@ class ActorSync:
         _agree(error, topo, "Opening the weight sync")
         return cls(model, dims, topo, receiver, opts, specs, leader)
 
-    async def sync(self, *, weight_version: str | None = None, full: bool = False) -> ActorSyncReport | None:
-        """All actor ranks: send the weights (delta where allowed); rank 0 gets the report."""
+    async def sync(self, *, weight_version: str | None = None, full: bool = False,
+                   control: WeightReceiver | None = None) -> ActorSyncReport | None:
+        """All actor ranks: send the weights (delta where allowed); rank 0 gets the report.
+
+        ``control`` (rank 0): the receiver that pauses, flushes and continues generation for
+        this sync (e.g. one that pauses in place); default the one given to ``open``."""
         topo, start = self.topo, time.perf_counter()
+        control = control or self.receiver
         every = self.opts.full_every
         full = full or not self.opts.delta or self.syncs == 0 or bool(every and self.syncs % every == 0)
         error = None
         if topo.rank == 0:
             try:
-                await self.receiver.pause_generation()  # type: ignore[union-attr]
+                await control.pause_generation()  # type: ignore[union-attr]
             except Exception as e:  # noqa: BLE001 - shared below
                 error = e
         _agree(error, topo, "Pausing generation for the weight sync")
@@ -335,13 +340,13 @@ class ActorSync:
             per_rank = _agree(error, topo, "Weight sync", stats)
         except BaseException:
             if topo.rank == 0:
-                await _continue_quietly(self.receiver)
+                await _continue_quietly(control)
             raise
         error = None
         if topo.rank == 0:
             try:
-                await self.receiver.flush_cache()  # type: ignore[union-attr]
-                await self.receiver.continue_generation()  # type: ignore[union-attr]
+                await control.flush_cache()  # type: ignore[union-attr]
+                await control.continue_generation()  # type: ignore[union-attr]
             except Exception as e:  # noqa: BLE001 - shared below
                 error = e
         _agree(error, topo, "Continuing generation after the weight sync")
@@ -353,6 +358,16 @@ class ActorSync:
             if s is not None:
                 total.add(s)
         return ActorSyncReport(self.opts.transport, time.perf_counter() - start, full, total)
+
+    def abandon(self) -> None:
+        """This rank only: drop the weight group and shared files without calling the servers
+        (after servers died: the group cannot be used again). Open a new ActorSync to go on."""
+        if self.leader is not None:
+            if self.leader.slots is not None:
+                self.leader.slots.close()
+            if self.leader.sender is not None:
+                self.leader.sender.group.close()
+            self.leader = None
 
     async def close(self) -> None:
         """All actor ranks: leaders leave their weight groups and remove their shared files."""

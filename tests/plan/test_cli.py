@@ -22,9 +22,21 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([CLI, "plan", *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env())
 
 
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory) -> Path:
+    """The tiny recipes size the model ``make demo`` writes under runs/demo/, absent on a fresh
+    clone: the same model (``megatron_rl.demo.tiny``), built into a temporary directory."""
+    from megatron_rl.demo.tiny import build_model, build_tokenizer
+
+    out = tmp_path_factory.mktemp("demo-model")
+    build_model(out, build_tokenizer(out), seed=0)
+    return out
+
+
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
-def test_plan_runs_on_every_recipe(recipe):
-    r = _run(f"configs/{recipe}", "--json")
+def test_plan_runs_on_every_recipe(recipe, demo_model):
+    overrides = [f"model.path={demo_model}"] if recipe.startswith("tiny_") else []
+    r = _run(f"configs/{recipe}", "--json", *overrides)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert isinstance(out["fits"], bool) and out["per_gpu_gib"] > 0
@@ -42,3 +54,8 @@ def test_plan_printout_names_the_fix():
 def test_bad_gpu_is_a_clear_error():
     r = _run("configs/deepcoder_14b_32k.yaml", "--gpu", "v100")
     assert r.returncode == 2 and "unknown --gpu 'v100'" in r.stderr
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    r = _run("configs/tiny_cpu.yaml", f"model.path={tmp_path / 'nowhere'}")
+    assert r.returncode == 2 and "no config.json there" in r.stderr and "--model NAME" in r.stderr

@@ -1,5 +1,6 @@
 """Delta encoding (pure), TP-shard writing into flat HF buckets (pure), and bucket planning."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,13 +18,15 @@ def changed_copy(old: torch.Tensor, frac: float, seed: int = 0) -> torch.Tensor:
     return new
 
 
-@pytest.mark.parametrize("frac,kind", [(0.001, "indices"), (0.2, "bitmask"), (1.0, "dense")])
+@pytest.mark.parametrize("frac,kind", [(0.001, "indices"), (0.05, "bitmask"), (0.5, "bitmask"), (1.0, "dense")])
 def test_delta_round_trip_is_bit_exact_and_picks_the_smallest_encoding(frac, kind):
     old = torch.randn(4099, dtype=torch.float32).to(torch.bfloat16)
     new = changed_copy(old, frac)
     enc, k, payload, _ = D.encode(new.view(torch.uint8), old.view(torch.uint8), 2)
     assert enc == kind
-    assert payload.numel() == min(D.encoded_sizes(old.numel(), k, 2).values())
+    changed = (new.view(torch.int16) != old.view(torch.int16)).numpy()
+    mask_bytes = int((np.packbits(changed, bitorder="little") != 0).sum())
+    assert k == (changed.size if enc == "dense" else changed.sum()) and payload.numel() == min(D.encoded_sizes(old.numel(), k, 2, mask_bytes).values())
     algo = D.checksum_algos()[0]
     split = [1000, 3099]
     sums = tuple(D.checksum(t, algo) for t in new.split(split))
@@ -36,10 +39,11 @@ def test_delta_round_trip_is_bit_exact_and_picks_the_smallest_encoding(frac, kin
 def test_corrupted_or_misapplied_delta_fails_the_checksum():
     old = torch.randn(5000).to(torch.bfloat16)
     new = changed_copy(old, 0.01)
-    _, k, payload, _ = D.encode(new.view(torch.uint8), old.view(torch.uint8), 2)
+    enc, k, payload, _ = D.encode(new.view(torch.uint8), old.view(torch.uint8), 2)
+    assert enc != "dense"
     algo = D.checksum_algos()[0]
     sums = (D.checksum(new[:2000], algo), D.checksum(new[2000:], algo))
-    header = D.DeltaHeader("indices", k, payload.numel(), algo, sums)
+    header = D.DeltaHeader(enc, k, payload.numel(), algo, sums)
     flipped = payload.clone()
     flipped[-1] ^= 0x10  # a value byte of the last changed element (in the second tensor)
     targets = [t.float().clone() for t in old.split([2000, 3000])]
