@@ -40,34 +40,51 @@ def optimizer_bytes(p_rank: float, dp: int, cp: int, distributed: bool, fp32_mod
     return per_param * p_rank / (dp * cp if distributed else 1)
 
 
-def layer_act_bytes_per_token(m: ModelDims, tp: int, sp: bool, act_bytes: int) -> float:
-    """Activations one layer stores per token for its backward (flash attention, SwiGLU):
-    norm inputs/outputs 4h (split over tp only with sequence parallel), Q/K/V (h_q + 2 h_kv)/tp,
-    attention output h_q/tp, MLP gate and up 2 ffn/tp and the SwiGLU output ffn/tp;
-    times the activation dtype size."""
+def layer_act_bytes_per_token(m: ModelDims, tp: int, sp: bool, act_bytes: int, *, unfused: bool = False,
+                              attn_len: int | None = None) -> float:
+    """Activations one layer stores per token for its backward, times the activation dtype size.
+
+    Fused layers (Transformer Engine, flash attention, SwiGLU): norm inputs/outputs 4h (split
+    over tp only with sequence parallel), Q/K/V (h_q + 2 h_kv)/tp, attention output h_q/tp, MLP
+    gate and up 2 ffn/tp and the SwiGLU output ffn/tp.
+
+    ``unfused`` (megatron-core's local spec, the CPU path): what autograd keeps when every op is
+    a separate torch op, counted with ``torch.autograd.graph.saved_tensors_hooks`` on the demo
+    model: 7.75 h (torch RMSNorm's input, normalised and scaled copies, residuals, attention
+    output), 3 h_q (Q, and K expanded to every query head, also transposed), 5 ffn (the fc1
+    output, its gate and up halves, SiLU's output and the product). ``attn_len`` (non-flash
+    attention): the softmax's output, heads/tp x ``attn_len`` per token.
+    """
     seq_split = tp if sp else 1
     q, kv = m.heads * m.hd, m.kv_heads * m.hd
-    elems = 4 * m.hidden / seq_split + (q + 2 * kv) / tp + q / tp + 3 * m.ffn / tp
+    if unfused:
+        elems = 7.75 * m.hidden / seq_split + 3 * q / tp + 5 * m.ffn / tp
+    else:
+        elems = 4 * m.hidden / seq_split + (q + 2 * kv) / tp + q / tp + 3 * m.ffn / tp
+    if attn_len:
+        elems += m.heads / tp * attn_len
     return elems * act_bytes
 
 
 def activations_bytes(m: ModelDims, tokens: int, *, tp: int, pp: int, cp: int, sp: bool,
-                      recompute: str, act_bytes: int) -> float:
-    """Activations of one micro-batch of ``tokens`` tokens on the busiest rank.
+                      recompute: str, act_bytes: int, unfused: bool = False, attn_len: int | None = None) -> float:
+    """Activations of one micro-batch of ``tokens`` tokens on the busiest rank, plus the
+    backward's working set: the gradients of one layer's activations at a time.
 
     Each rank holds tokens / cp of the sequence. none/selective: every layer of the stage keeps
     its activations (with flash attention, selective recompute saves nothing more). full: each
     layer keeps only its input (h/tp with SP, else h per token) and one layer's activations
     are rebuilt at a time in the backward. With pp > 1 the first stage holds pp micro-batches
     in flight (1F1B), so a stage's layers/pp times pp in flight = all layers' worth.
+    ``unfused`` / ``attn_len``: see ``layer_act_bytes_per_token``.
     """
     t_rank = tokens / cp
-    per_layer = layer_act_bytes_per_token(m, tp, sp, act_bytes) * t_rank
+    per_layer = layer_act_bytes_per_token(m, tp, sp, act_bytes, unfused=unfused, attn_len=attn_len) * t_rank
     layers_held = m.layers / pp * pp  # 1F1B: pp in-flight micro-batches on stage 0
     if recompute == "full":
         layer_input = m.hidden / (tp if sp else 1) * act_bytes * t_rank
-        return layers_held * layer_input + per_layer
-    return layers_held * per_layer
+        return layers_held * layer_input + 2 * per_layer  # the rebuilt layer and its gradients
+    return layers_held * per_layer + per_layer
 
 
 def logits_bytes(m: ModelDims, tokens: int, *, tp: int, cp: int, fused: bool, chunk_bytes: float = 256 * 2**20) -> float:

@@ -78,8 +78,13 @@ def _evaluate(cfg: RunConfig, m: ModelDims, g: GpuSpec, lay: Layout, fused: bool
     gr = mem.grads_bytes(p_rank)
     opt = mem.optimizer_bytes(p_rank, dp, lay.cp, lay.distributed_optimizer, dbytes == 4)
     opt_other = mem.optimizer_bytes(p_rank, dp, lay.cp, not lay.distributed_optimizer, dbytes == 4)
+    # The local spec (no Transformer Engine) keeps every op's inputs; without flash attention
+    # the softmax of each row (at most one sample long) is kept too.
+    unfused = cfg.model.transformer_impl == "local"
+    attn_len = min(cfg.data.max_prompt_len + ro.max_new_tokens, lay.tokens_per_microbatch) \
+        if unfused or cfg.model.attention_backend == "local" else None
     act = mem.activations_bytes(m, lay.tokens_per_microbatch, tp=lay.tp, pp=lay.pp, cp=lay.cp, sp=lay.sp,
-                                recompute=lay.recompute, act_bytes=dbytes)
+                                recompute=lay.recompute, act_bytes=dbytes, unfused=unfused, attn_len=attn_len)
     lg_fused = mem.logits_bytes(m, lay.tokens_per_microbatch, tp=lay.tp, cp=lay.cp, fused=True)
     lg_plain = mem.logits_bytes(m, lay.tokens_per_microbatch, tp=lay.tp, cp=lay.cp, fused=False)
     lg = lg_fused if fused else lg_plain

@@ -23,6 +23,7 @@ from megatron_rl.trainer import steps
 from megatron_rl.trainer.batching import pack
 from megatron_rl.trainer.dist_utils import any_rank, broadcast, on_rank0
 from megatron_rl.trainer.gate import check_gate, step_mismatch
+from megatron_rl.trainer.memory import GIB, phase_peak, state_bytes
 from megatron_rl.trainer.metrics import eval_metrics, sample_metrics
 from megatron_rl.trainer.pipeline import Batch, RolloutPipeline, staleness_metrics
 from megatron_rl.trainer.session import Session, open_session
@@ -308,7 +309,7 @@ class Trainer:
         if separate_pass:  # every step follows a sync (the previous step's, or start-up's): gate it
             metrics = self.gate(step, [mb for p in packs for mb in p.micro_batches], "old_logp_BS")
         totals: dict[str, float] = defaultdict(float)
-        with self.phase(step, "train"):
+        with self.phase(step, "train"), phase_peak("train", totals, topo.device):
             for u, packed in enumerate(packs):
                 for mb in packed.micro_batches:
                     if mb.old_logp_BS is not None:
@@ -341,6 +342,7 @@ class Trainer:
         totals["train/updates"] = float(len(packs))
         totals["train/logprob_pass"] = float(separate_pass)
         totals["optimizer/adam_step"] = steps.adam_step(s.actor.optimizer)
+        totals["mem/state_gib"] = state_bytes(s.actor.model, s.actor.optimizer) / GIB
         totals["perf/train_tokens_per_s"] = real * topo.dp / max(self.timings["time/train"], 1e-9)
         return {**metrics, **totals}
 

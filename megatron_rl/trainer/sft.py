@@ -21,6 +21,7 @@ from megatron_rl.trainer import steps
 from megatron_rl.trainer.batching import dp_shares, group_rows
 from megatron_rl.trainer.dist_utils import any_rank, broadcast, on_rank0
 from megatron_rl.trainer.loop import StopRequested
+from megatron_rl.trainer.memory import phase_peak
 from megatron_rl.trainer.resume import find_start
 from megatron_rl.trainer.session import build_actor, check_world, load_start, torch_threads
 
@@ -123,14 +124,16 @@ def sft(cfg: RunConfig) -> int:
             norm = algos.build_normalizer([mb.loss_mask_BS for mb in mbs], 1, topo.dp_group if topo.dp > 1 else None)
             lr = steps.learning_rate(cfg.optimizer, step, cfg.train.num_steps)
             steps.set_lr(actor.optimizer, lr)
-            res = actor.train_step(mbs, nll_loss(norm), temperature=1.0)
+            mem: dict[str, float] = {}
+            with phase_peak("train", mem, topo.device):
+                res = actor.train_step(mbs, nll_loss(norm), temperature=1.0)
             if cfg.checkpoint.dir and (step + 1) % cfg.checkpoint.save_every == 0:
                 save(step + 1)
             if logger is not None:
                 seconds = time.perf_counter() - t0
                 logger.step(step, {"sft/nll": res.metrics["sft/nll"], "sft/tokens": res.metrics["sft/tokens"],
                                    "actor/grad_norm": res.grad_norm, "optimizer/lr": lr, "time/step": seconds,
-                                   "perf/tokens_per_s": real * topo.dp / max(seconds, 1e-9)}, [])
+                                   "perf/tokens_per_s": real * topo.dp / max(seconds, 1e-9), **mem}, [])
             if any_rank(stop.flag):
                 save(step + 1)
                 return 0
