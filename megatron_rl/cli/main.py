@@ -27,6 +27,7 @@ SUBCOMMANDS = (
     "megatron_rl.cli.eval",
     "megatron_rl.cli.generate",
     "megatron_rl.cli.plan",
+    "megatron_rl.cli.launch",
 )
 
 

@@ -13,7 +13,7 @@ from typing import Literal
 from megatron_rl.config.base import require
 
 EngineKind = Literal["embedded", "sglang"]
-SyncTransport = Literal["distributed", "disk", "tensor"]
+SyncTransport = Literal["distributed", "shm", "disk", "tensor"]
 RolloutMode = Literal["sync", "one_step_off", "async"]
 
 
@@ -42,13 +42,16 @@ class RolloutConfig:
     health_timeout_s: float = 600.0
     """How long launched or attached servers may take to answer /health_generate with 200."""
     sync_transport: SyncTransport = "distributed"
-    """Weight sync: broadcast over a process group (NCCL/gloo), a safetensors dir, or tensors over HTTP."""
+    """Weight sync. distributed: each pipeline stage's first rank broadcasts its own layers over a
+    weight group of its own (NCCL/gloo, SGLang's protocol); shm: colocated servers on this node,
+    launched by this run with the embedded engine, map the buckets from shared memory (/dev/shm);
+    disk: a safetensors directory; tensor: tensors over HTTP (rank 0 sends every stage)."""
     bucket_size_mb: int = 512
     """Weight sync bucket size in MiB: tensors are sent in groups of about this many bytes."""
     sync_delta: bool = False
     """Weight sync sends only the weights that changed since the last sync (per bucket, with a
     checksum per tensor; a server that finds a mismatch gets the bucket in full). Costs one copy
-    of each pipeline stage's weights on its sending rank. Needs sync_transport distributed."""
+    of each pipeline stage's weights on its sending rank. Needs sync_transport distributed or shm."""
     sync_full_every: int = 10
     """With sync_delta: every sync_full_every-th sync is full anyway (0 = only the first)."""
     temperature: float = 0.6
@@ -64,6 +67,10 @@ class RolloutConfig:
     colocate: bool = False
     """The servers share the trainer's GPUs: they release their memory (weights, KV cache) after
     generation and take it back for the weight sync. False: they keep their own GPUs."""
+    attached_memory_saver: bool = False
+    """The attached servers (`server_urls`) run on the trainer's GPUs with SGLang's
+    --enable-memory-saver, as `megatron-rl launch` starts them on every node of a multi-node
+    colocated job: `colocate: true` may then release and resume their memory."""
     deterministic: bool = False
     """Results depend only on each request's seed, never on batching (embedded: `--deterministic`;
     SGLang: `--enable-deterministic-inference`). Needed for bit-exact resume; costs speed."""
@@ -120,14 +127,24 @@ class RolloutConfig:
         require(self.max_inflight_per_server >= 1, "`rollout.max_inflight_per_server` must be >= 1.")
         require(self.bucket_size_mb >= 1, "`rollout.bucket_size_mb` must be >= 1.")
         require(self.sync_full_every >= 0, "`rollout.sync_full_every` must be >= 0 (0 = only the first sync is full).")
-        require(not self.sync_delta or self.sync_transport == "distributed",
-                f"`rollout.sync_delta: true` sends deltas over the weight group: set `rollout.sync_transport: "
-                f"distributed` (it is `{self.sync_transport}`), or sync_delta false.")
+        require(not self.sync_delta or self.sync_transport in ("distributed", "shm"),
+                f"`rollout.sync_delta: true` sends deltas over the per-stage weight sync: set `rollout.sync_transport` "
+                f"to distributed or shm (it is `{self.sync_transport}`), or sync_delta false.")
+        require(self.sync_transport != "shm" or (self.engine == "embedded" and not self.server_urls),
+                "`rollout.sync_transport: shm` writes the weights into shared-memory files that the servers map, "
+                "so it needs servers this run launches itself on this node (`rollout.server_urls` empty) with the "
+                "embedded engine (started with --weight-shm-dir); attached or SGLang servers cannot be told the "
+                "directory: use `rollout.sync_transport: distributed`.")
         require(self.temperature >= 0, "`rollout.temperature` must be >= 0 (0 = greedy).")
         require(0.0 < self.top_p <= 1.0, "`rollout.top_p` must be in (0, 1].")
         require(self.top_k == -1 or self.top_k >= 1, "`rollout.top_k` must be -1 (off) or >= 1.")
         require(self.max_new_tokens >= 1, "`rollout.max_new_tokens` must be >= 1.")
         require(self.n_samples >= 1, "`rollout.n_samples` must be >= 1.")
-        require(not (self.colocate and self.server_urls),
+        require(not (self.colocate and self.server_urls) or self.attached_memory_saver,
                 "`rollout.colocate: true` releases and resumes the memory of servers this run launches on "
-                "its own GPUs; attached servers (`rollout.server_urls`) keep theirs: set colocate=false.")
+                "its own GPUs; attached servers (`rollout.server_urls`) keep theirs: set colocate=false, or "
+                "`rollout.attached_memory_saver: true` when they were started on the trainer's GPUs with "
+                "--enable-memory-saver (as `megatron-rl launch` starts them).")
+        require(not self.attached_memory_saver or (self.colocate and self.server_urls),
+                "`rollout.attached_memory_saver: true` describes attached colocated servers: it needs "
+                "`rollout.server_urls` and `rollout.colocate: true`.")
