@@ -14,7 +14,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "megatron-rl")
-TIMING = ("time/", "perf/")
+TIMING = ("time/", "perf/", "mem/")  # measured, so different on every run
 
 
 def write_recipe(path: Path, base: str = "tiny_cpu.yaml", **sections) -> Path:
