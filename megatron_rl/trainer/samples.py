@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_rl.rewards.grade import GRADER_ERROR
+
 
 @dataclass
 class ScoredSample:
@@ -30,7 +32,8 @@ class ScoredSample:
     reward: float = 0.0
     """The reward the advantages use (score plus shaping such as the overlong penalty)."""
     grade_tag: str = ""
-    """The grader's reason; ``grader_error*`` / ``sandbox_lost`` mean the grade is unknown."""
+    """The grader's reason; ``grader_error*`` means the grade is unknown (a lost sandbox driver
+    after the candidate started is the candidate's 0.0, not a grader failure)."""
     trainable: bool = True
     """False when the sample is masked out of the loss (grader failure, overlong filter)."""
     weight_version: str | None = None
@@ -46,4 +49,4 @@ class ScoredSample:
 
     @property
     def grader_failed(self) -> bool:
-        return self.grade_tag.startswith(("grader_error", "sandbox_lost"))
+        return self.grade_tag.startswith(GRADER_ERROR)
