@@ -68,6 +68,7 @@ class Trainer:
     def __init__(self, s: Session):
         self.s, self.cfg = s, s.cfg
         self.timings: dict[str, float] = defaultdict(float)
+        self.sync_totals: dict[str, float] = defaultdict(float)  # rank 0: this step's weight syncs
         self.logger = None
         self.last_saved = s.start_step
         self.sample_log: list[dict] = []
@@ -107,6 +108,7 @@ class Trainer:
                 self.start_pipeline()
             for step in range(s.start_step, cfg.train.num_steps):
                 self.timings.clear()
+                self.sync_totals.clear()
                 t0 = time.perf_counter()
                 self.updated = False
                 try:
@@ -173,6 +175,7 @@ class Trainer:
                 self.sync(step + 1)
                 self.server_memory("resume", ["kv_cache"])
         metrics.update(self.timings)
+        metrics.update(self.sync_metrics())
         gen_tokens = sum(len(x.response_ids) for x in samples)
         gen_time = metrics.get("time/generate_batch", self.timings["time/generate"])
         metrics["perf/generated_tokens_per_s"] = gen_tokens / max(gen_time, 1e-9)
@@ -359,22 +362,63 @@ class Trainer:
     # ------------------------------------------------------------------ services
     def sync(self, version_step: int, *, in_place: bool = False) -> None:
         """Send the actor's weights to every live server. A server that died (mid-step or
-        mid-sync) is dropped and the weight group reopened with the survivors, once.
-        ``in_place``: running requests are frozen, not aborted, and continue on the new weights."""
+        mid-sync) is dropped and the weight sync reopened with the survivors (a full sync), once.
+        ``in_place``: running requests are frozen, not aborted, and continue on the new weights.
+
+        distributed / shm: the session's ``ActorSync`` (one sender per pipeline stage, delta
+        when ``rollout.sync_delta``); disk / tensor: rank 0 sends every stage (``sync_actor_weights``)."""
         from megatron_rl.weights.actor_sync import sync_actor_weights
 
         s, cfg = self.s, self.cfg
         receiver = (InPlacePause(s.client) if in_place else s.client) if s.rank0 else None
+        version = f"step{version_step}"
         for attempt in range(2):
             try:
-                s.run(sync_actor_weights(
-                    s.actor.model[0], s.dims, s.topo, receiver, sender=s.sender,
-                    bucket_bytes=cfg.rollout.bucket_size_mb << 20, transport=cfg.rollout.sync_transport,
-                    disk_dir=s.out_dir / "sync", weight_version=f"step{version_step}"))
+                if s.link is not None:
+                    report = s.run(s.link.sync(weight_version=version, control=receiver))
+                else:
+                    report = s.run(sync_actor_weights(
+                        s.actor.model[0], s.dims, s.topo, receiver, bucket_bytes=cfg.rollout.bucket_size_mb << 20,
+                        transport=cfg.rollout.sync_transport, disk_dir=s.out_dir / "sync", weight_version=version))
+                self.record_sync(report)
                 return
             except RolloutError:
                 if attempt == 1 or not s.drop_dead_servers():
                     raise
+
+    def record_sync(self, report) -> None:
+        """Rank 0: add one sync's figures to this step's (``SyncReport`` or ``ActorSyncReport``)."""
+        if report is None:
+            return
+        t = self.sync_totals
+        t["seconds"] += report.seconds
+        t["syncs"] += 1
+        stats = getattr(report, "stats", None)
+        if stats is None:  # sync_actor_weights: always full
+            t["full"] = 1.0
+            t["sent_bytes"] += report.num_bytes
+            t["full_bytes"] += report.num_bytes
+            return
+        t["full"] = max(t["full"], float(report.full))
+        t["sent_bytes"] += stats.sent_bytes
+        t["full_bytes"] += stats.full_bytes
+        t["changed"] += stats.changed
+        t["elements"] += stats.elements
+        t["resent_buckets"] += stats.fallbacks
+
+    def sync_metrics(self) -> dict[str, float]:
+        """This step's weight syncs (summed when there were several): seconds, whether any was
+        full, bytes sent and their fraction of the model's bytes, the fraction of elements that
+        changed (delta syncs only) and the buckets resent in full after a checksum refusal."""
+        t = self.sync_totals
+        if not t.get("syncs"):
+            return {}
+        out = {"sync/seconds": t["seconds"], "sync/full": t["full"], "sync/sent_bytes": t["sent_bytes"],
+               "sync/sent_frac": t["sent_bytes"] / max(t["full_bytes"], 1.0),
+               "sync/resent_buckets": t["resent_buckets"]}
+        if t["elements"]:
+            out["sync/changed_frac"] = t["changed"] / t["elements"]
+        return out
 
     def save(self, completed: int) -> None:
         from megatron_rl.checkpoint.state import save_checkpoint

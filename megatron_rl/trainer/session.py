@@ -1,7 +1,9 @@
 """Everything one run holds, built in order and torn down in reverse.
 
 All ranks: the topology, the actor (DDP model + optimizer, loaded from the start point),
-the frozen reference model when ``kl_coef > 0``, and the weight-sync sender. Rank 0 only:
+the frozen reference model when ``kl_coef > 0``, and the weight sync (``link``: an
+``ActorSync`` for the distributed and shm transports, one sender per pipeline stage; the
+leaders of stages > 0 hold a rollout client of their own for it). Rank 0 only:
 the tokenizer and datasets, the rollout servers (launched, or attached via
 ``rollout.server_urls``), the rollout client and the reward pool. Steps that only rank 0
 performs share their outcome with every rank (``dist_utils.on_rank0``), so a bad data file
@@ -14,6 +16,8 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -24,7 +28,7 @@ import torch
 
 from megatron_rl.config.run import RunConfig, dump_config
 from megatron_rl.errors import ConfigError, DataError, RolloutError
-from megatron_rl.trainer.dist_utils import broadcast, on_rank0
+from megatron_rl.trainer.dist_utils import any_rank, broadcast, on_rank0
 from megatron_rl.trainer.resume import StartPoint, find_start
 
 log = logging.getLogger("megatron_rl.train")
@@ -106,7 +110,12 @@ class Session:
     eval_set: Any = None
     client: Any = None
     pool: Any = None
-    sender: Any = None
+    # every rank (distributed / shm transports): the per-stage weight sync
+    link: Any = None
+    sync_client: Any = None
+    """A stage leader's own rollout client (leaders of stages > 0; rank 0 uses ``client``)."""
+    shm_dir: str | None = None
+    link_opens: int = 0
 
     @property
     def rank0(self) -> bool:
@@ -117,9 +126,10 @@ class Session:
         return self.aio.run(coro)
 
     def drop_dead_servers(self) -> bool:
-        """Collective: rank 0 forgets servers that are down and, if any, every rank reopens the
-        weight-sync group with the survivors. True when something was dropped. A run with no
-        server left stops with a RolloutError (after saving, see ``loop``)."""
+        """Collective: rank 0 forgets servers that are down and, if any, every rank abandons the
+        weight sync (its groups' peers are gone) and opens a new one with the survivors, whose
+        first sync is full. True when something was dropped. A run with no server left stops
+        with a RolloutError (after saving, see ``loop``)."""
         def check() -> list[str]:
             health = self.run(self.client.health())
             dead = [s.url for s in self.client.pool.servers if not (s.alive and health.get(s.url))]
@@ -129,19 +139,29 @@ class Session:
             if dead:
                 log.error("rollout server(s) %s are down: continuing with %d survivor(s)", dead,
                           len(self.client.pool.servers) - len(dead))
-                if self.sender is not None:
-                    self.sender.group.close()  # its peers are gone: the group cannot be reused
                 self.client.pool.servers = [s for s in self.client.pool.servers if s.url not in dead]
             return dead
 
         dead = on_rank0(check)
-        if dead and self.cfg.rollout.sync_transport == "distributed":
-            from megatron_rl.weights.actor_sync import connect_actor_sender
-
-            self.sender = self.run(connect_actor_sender(self.topo, self.client if self.rank0 else None,
-                                                        backend=weight_sync_backend(self.cfg), group_name=f"megatron_rl_sync_{len(dead)}",
-                                                        timeout_s=self.cfg.rollout.health_timeout_s))
+        if dead and self.link is not None:
+            self.link.abandon()
+            if self.sync_client is not None:
+                self.sync_client.pool.servers = [s for s in self.sync_client.pool.servers if s.url not in dead]
+            self.open_link()
         return bool(dead)
+
+    def open_link(self) -> None:
+        """Collective: open the per-stage weight sync (``ActorSync``) with the current servers."""
+        from megatron_rl.weights.stage_sync import ActorSync, SyncOptions
+
+        r = self.cfg.rollout
+        self.link_opens += 1
+        opts = SyncOptions(transport=r.sync_transport, bucket_bytes=r.bucket_size_mb << 20, delta=r.sync_delta,
+                           full_every=r.sync_full_every, shm_dir=self.shm_dir,
+                           group_name=f"megatron_rl_weights_{self.link_opens}", backend=weight_sync_backend(self.cfg),
+                           timeout_s=r.health_timeout_s)
+        receiver = self.client if self.rank0 else self.sync_client
+        self.link = self.run(ActorSync.open(self.actor.model[0], self.dims, self.topo, receiver, opts))
 
     def close(self) -> None:
         """Best effort, in reverse: a dead server must not hide the error that ended the run."""
@@ -149,7 +169,13 @@ class Session:
             self.aio.cancel_all()  # an interrupted step's generation, a pipeline still producing
         except Exception as e:  # noqa: BLE001 - teardown: log and go on
             log.debug("while cancelling pending work: %s", e)
-        for closing in (self.sender, self.client):
+        if self.link is not None:  # this rank alone: after a failure the others may be gone
+            try:
+                self.run(self.link.close(collective=False))
+            except Exception as e:  # noqa: BLE001 - teardown: log and go on
+                log.debug("while closing the weight sync: %s", e)
+            self.link = None
+        for closing in (self.sync_client, self.client):
             if closing is None:
                 continue
             try:
@@ -252,12 +278,20 @@ def _server_model_dir(s: Session) -> Path:
     return export_hf_dir(s.actor.model[0], s.dims, s.topo, s.out_dir / "hf_init", s.hf_dir)
 
 
-def _open_services(s: Session) -> None:
-    from megatron_rl.weights.actor_sync import connect_actor_sender
+def _shm_dir(s: Session) -> str:
+    """Rank 0 (sync_transport shm): a private directory on this node's RAM file system for the
+    weight buckets, given to the servers it launches (--weight-shm-dir) and removed after them."""
+    root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    path = tempfile.mkdtemp(prefix="megatron-rl-weights-", dir=root)
+    s.stack.callback(shutil.rmtree, path, True)  # entered before the servers: removed after they stop
+    return path
 
+
+def _open_services(s: Session) -> None:
     cfg = s.cfg
     on_rank0(lambda: _open_data(s))
     server_dir = _server_model_dir(s) if not cfg.rollout.server_urls else s.hf_dir
+    shm = cfg.rollout.sync_transport == "shm"
 
     def start_services() -> str:
         from megatron_rl.rewards import RewardPool
@@ -267,6 +301,9 @@ def _open_services(s: Session) -> None:
         urls = list(cfg.rollout.server_urls)
         if not urls:
             extra = ["--threads", str(cpu_threads(cfg))] if cfg.rollout.engine == "embedded" else []
+            if shm:
+                s.shm_dir = _shm_dir(s)
+                extra += ["--weight-shm-dir", s.shm_dir]
             manager = ServerManager(cfg.rollout, str(server_dir), log_dir=s.out_dir / "servers", extra_args=extra)
             urls = s.stack.enter_context(manager).urls  # entering starts them and waits until healthy
         s.client = RolloutClient.from_config(cfg.rollout, urls)
@@ -278,9 +315,20 @@ def _open_services(s: Session) -> None:
 
     urls = on_rank0(start_services)
     log.info("rollout servers: %s", urls) if s.rank0 else None
-    if cfg.rollout.sync_transport == "distributed":
-        s.sender = s.run(connect_actor_sender(s.topo, s.client if s.rank0 else None, backend=weight_sync_backend(cfg),
-                                              timeout_s=cfg.rollout.health_timeout_s))
+    if cfg.rollout.sync_transport in ("distributed", "shm"):
+        from megatron_rl.rollout.client import RolloutClient
+        from megatron_rl.weights.stage_sync import ActorSync
+
+        if shm:
+            s.shm_dir = broadcast(s.shm_dir)
+            if any_rank(s.shm_dir is None or not os.path.isdir(s.shm_dir)):
+                raise ConfigError(
+                    f"`rollout.sync_transport: shm` needs every trainer rank on the node of the servers it "
+                    f"launched (their shared-memory directory {s.shm_dir} is not on every rank's node); use "
+                    "`rollout.sync_transport: distributed` for a multi-node job.")
+        if ActorSync.roles(s.topo)[1] and not s.rank0:  # the leader of a later pipeline stage sends itself
+            s.sync_client = RolloutClient.from_config(cfg.rollout, urls.split(","))
+        s.open_link()
     broadcast(None)
 
 

@@ -94,7 +94,7 @@ class DeltaHeader:
 
     encoding: Encoding
     changed: int
-    """K: elements that differ from the previous sync (all N for dense)."""
+    """K: elements that differ from the previous sync (for dense only a count: every element is sent)."""
     payload_bytes: int
     checksum_algo: str
     checksums: tuple[str, ...]
@@ -178,7 +178,7 @@ def encode(new: torch.Tensor, old: torch.Tensor, elem_size: int) -> tuple[Encodi
     sizes = encoded_sizes(n, k, elem_size, byte_idx.size)
     kind: Encoding = min(sizes, key=lambda e: (sizes[e], ENCODINGS.index(e)))  # type: ignore[assignment]
     if kind == "dense":
-        return kind, n, new, None
+        return kind, k, new, None
     out = np.zeros(sizes[kind], dtype=np.uint8)
     head = sizes[kind] - k * elem_size
     if kind == "indices":

@@ -25,12 +25,18 @@ from the actor's without an error. Every ``full_every``-th sync, the first one, 
 
 Every stage leader needs a ``WeightReceiver`` (a rollout client) of its own: with PP > 1 the
 trainer creates one on each leader, not only on rank 0.
+
+Test hook (fault injection): ``MEGATRON_RL_FAULT_CORRUPT_DELTA=<i>`` in a leader's environment
+makes it flip one byte of its first non-empty delta payload in the sync of index i (0-based,
+counted per ``ActorSync``), as a corrupted transfer would; the server's checksum must refuse
+it and the bucket go again in full. Read once, at ``open``; tests set it, nothing else should.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -58,6 +64,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 StageTransport = Literal["distributed", "shm"]
+FAULT_CORRUPT_DELTA = "MEGATRON_RL_FAULT_CORRUPT_DELTA"
+"""Test hook (see the module docstring): the index of the sync whose first delta payload is corrupted."""
+
+
+def _fault_sync_index() -> int | None:
+    value = os.environ.get(FAULT_CORRUPT_DELTA, "").strip()
+    return int(value) if value else None
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,8 @@ class _Leader:
         self.scratch = torch.zeros(recv, dtype=torch.uint8) if recv else None
         self.base: list[torch.Tensor | None] = [None] * len(specs)
         self.algo = D.checksum_algos()[0]
+        self.corrupt_at = _fault_sync_index()  # test hook only
+        self.corrupt_now = False
 
     @classmethod
     async def open(cls, receiver: WeightReceiver, specs: list[BucketSpec], opts: SyncOptions, topo: Topology) -> _Leader:
@@ -158,8 +173,9 @@ class _Leader:
             await self.sender.close()
 
     async def run(self, params: dict[str, torch.Tensor], dims: ModelDims, tp_group, *, full: bool,
-                  weight_version: str | None) -> StageStats:
+                  weight_version: str | None, index: int = -1) -> StageStats:
         """Fill (thread) and send (here) every bucket; the fill of k+1 overlaps the send of k."""
+        self.corrupt_now = index == self.corrupt_at
         filled: queue.Queue[Any] = queue.Queue()
         free: queue.Queue[int] = queue.Queue()
         for i in range(len(self.buffers)):
@@ -204,6 +220,10 @@ class _Leader:
         base = self.base[k]
         if self.opts.delta and base is not None and not force_full:
             kind, changed, payload, idx_K = D.encode(flat, base, spec.elem_size)
+            if self.corrupt_now and changed > 0:  # test hook: a value byte flipped on the way
+                log.warning("%s: corrupting a delta payload on purpose (test hook)", FAULT_CORRUPT_DELTA)
+                payload, self.corrupt_now = payload.clone(), False
+                payload[-1] ^= 0x10
             sums = tuple(D.checksum(flat[e.offset:e.offset + e.nbytes], self.algo) for e in spec.entries)
             header = D.DeltaHeader(kind, changed, payload.numel(), self.algo, sums)
             stats.delta_buckets += 1
@@ -330,7 +350,7 @@ class ActorSync:
         try:
             if self.leader is not None:
                 stats = await self.leader.run(named_params(self.model), self.dims, topo.tp_group if topo.tp > 1 else None,
-                                              full=full, weight_version=weight_version)
+                                              full=full, weight_version=weight_version, index=self.syncs)
             elif team and topo.tp > 1:
                 params = named_params(self.model)
                 await asyncio.to_thread(lambda: [send_shards(s, params, topo.tp_group) for s in self.specs])
@@ -369,14 +389,22 @@ class ActorSync:
                 self.leader.sender.group.close()
             self.leader = None
 
-    async def close(self) -> None:
-        """All actor ranks: leaders leave their weight groups and remove their shared files."""
+    async def close(self, *, collective: bool = True) -> None:
+        """All actor ranks: leaders leave their weight groups and remove their shared files.
+
+        ``collective=False``: this rank alone, errors raised here (teardown after a failure,
+        when the other ranks may be gone)."""
         error = None
         if self.leader is not None:
+            leader, self.leader = self.leader, None
             try:
-                await self.leader.close()
+                await leader.close()
             except Exception as e:  # noqa: BLE001 - shared below
                 error = e
+        if not collective:
+            if error is not None:
+                raise error
+            return
         _agree(error, self.topo, "Closing the weight sync")
 
 

@@ -259,8 +259,10 @@ class DistributedSender:
         return total, count, buckets
 
     async def close(self) -> None:
-        await self.receiver.destroy_weights_update_group(self.group.name)
-        self.group.close()
+        try:
+            await self.receiver.destroy_weights_update_group(self.group.name)
+        finally:
+            self.group.close()
 
 
 async def broadcast_during(call: Awaitable[object], group: WeightGroup, payload: Sequence[torch.Tensor]) -> None:
