@@ -12,6 +12,7 @@ requeues on failure; for pre-emption and the placement's servers on other nodes 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def slurm_executor(run, p: Placement, o: SlurmOptions, job_dir: Path):
     return run.SlurmExecutor(
         account=o.account or None, partition=o.partition or None, time=o.time or "", nodes=p.trainer_nodes,
         ntasks_per_node=p.nproc_per_node, gpus_per_node=p.cluster.gpus_per_node or None,
-        container_image=o.container or None, launcher="torchrun",
+        container_image=o.container or None, launcher="torchrun", job_name_prefix=f"{o.job_name}-",
         tunnel=run.LocalTunnel(job_dir=str(job_dir)), packager=run.Packager())
 
 
@@ -76,7 +77,7 @@ def run_local(p: Placement, recipe: str, overrides: list[str], name: str, base_d
                         enable_goodbye_message=False) as exp:
         exp.add(script, name="train")
         exp.run(sequential=True, tail_logs=True)
-        states = [str(job.state) for job in exp.jobs]
+    states = [str(job.state) for job in exp.jobs]  # set once the context has waited for the jobs
     print(f"nemo-run experiment in {base_dir}: {', '.join(states)}")
     return 0 if all(s.endswith("SUCCEEDED") for s in states) else 1
 
@@ -87,8 +88,10 @@ def slurm_dry_run(p: Placement, recipe: str, overrides: list[str], o: SlurmOptio
     run = import_nemo_run()
     job_dir.mkdir(parents=True, exist_ok=True)
     script = trainer_script(run, p, str(Path(recipe).resolve()), overrides, python="python")
-    with run.Experiment(o.job_name, executor=slurm_executor(run, p, o, job_dir), base_dir=str(job_dir),
-                        log_level="WARN", enable_goodbye_message=False) as exp:
+    # nemo-run's console goes to stderr: stdout is the script alone
+    with contextlib.redirect_stdout(sys.stderr), \
+            run.Experiment(o.job_name, executor=slurm_executor(run, p, o, job_dir), base_dir=str(job_dir),
+                           log_level="WARN", enable_goodbye_message=False) as exp:
         exp.add(script, name="train")
         exp.dryrun(log=False, delete_exp_dir=False)
     found = sorted(job_dir.rglob("*_sbatch.sh"), key=lambda f: f.stat().st_mtime)

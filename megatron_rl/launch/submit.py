@@ -115,7 +115,7 @@ def launch_nemo(req: LaunchRequest, cfg: RunConfig, p: Placement) -> int:
     executor = req.executor
     if executor == "auto":
         executor = "local" if p.nodes == 1 and not (req.slurm.partition or req.slurm.account) else "slurm"
-    job_dir = Path(cfg.logging.output_dir or "runs") / "nemo_run"
+    job_dir = Path(cfg.logging.output_dir or "runs") / "nemo-run"  # a directory named nemo_run confuses nemo-run's paths
     if executor == "local":
         if req.dry_run:
             print(f"nemo-run LocalExecutor(ntasks_per_node={p.nproc_per_node}, launcher='torchrun'): "
@@ -153,7 +153,8 @@ def launch_array(req: LaunchRequest) -> int:
     if not req.dry_run:
         array.keep_tasks(out, req.array, tasks)
     todo = array.missing(tasks)
-    print(f"{len(tasks)} tasks in {out}/tasks.json; to run: {array.array_spec(todo) or 'none'}")
+    print(f"{len(tasks)} tasks in {out}/tasks.json; to run: {array.array_spec(todo) or 'none'}",
+          file=sys.stderr if req.dry_run else sys.stdout, flush=True)
     if not todo:
         return gather(out) if not req.dry_run else 0
     script = render_array_sbatch(req.out, [(t.index, t.dir, t.argv) for t in tasks], array.array_spec(todo),

@@ -35,12 +35,23 @@ def trainer_args(recipe: str, overrides: list[str], p: Placement) -> list[str]:
     return ["train", recipe, *overrides, *p.trainer_overrides()]
 
 
+def torchrun_argv(nnodes: int | str, nproc: int | str, rdzv: Rendezvous, args: list[str],
+                  torchrun: tuple[str, ...] = ("torchrun",)) -> list[str]:
+    """``torchrun ... -m megatron_rl ARGS`` (static rendezvous: node 0's address and port)."""
+    return [*torchrun, f"--nnodes={nnodes}", f"--node-rank={rdzv.node_rank}", f"--nproc-per-node={nproc}",
+            f"--master-addr={rdzv.master_addr}", f"--master-port={rdzv.master_port}", "-m", "megatron_rl", *args]
+
+
 def torchrun_command(p: Placement, recipe: str, overrides: list[str], rdzv: Rendezvous = Rendezvous(),
                      torchrun: tuple[str, ...] = ("torchrun",)) -> list[str]:
     """One node's torchrun: ``nproc_per_node`` trainer ranks of a ``trainer_nodes``-node world."""
-    return [*torchrun, f"--nnodes={p.trainer_nodes}", f"--node-rank={rdzv.node_rank}",
-            f"--nproc-per-node={p.nproc_per_node}", f"--master-addr={rdzv.master_addr}",
-            f"--master-port={rdzv.master_port}", "-m", "megatron_rl", *trainer_args(recipe, overrides, p)]
+    return torchrun_argv(p.trainer_nodes, p.nproc_per_node, rdzv, trainer_args(recipe, overrides, p), torchrun)
+
+
+def shell_join(argv: list[str]) -> str:
+    """Like ``shlex.join``, but words holding a shell variable (``"$X"``, ``--opt="$X"``) stay
+    as written, so rendered scripts expand them."""
+    return " ".join(a if "$" in a and '"' in a else shlex.quote(a) for a in argv)
 
 
 def server_command(cfg: RunConfig, p: Placement, s: ServerSlot, python: str = "python") -> list[str]:
@@ -73,8 +84,8 @@ def render_torchrun(cfg: RunConfig, p: Placement, recipe: str, overrides: list[s
                                       + shlex.join(server_command(cfg, p, s)))
         urls = ",".join(f"http://NODE{s.node}:{s.port}" for s in servers)
         overrides = [*overrides, f"rollout.server_urls=[{urls}]"]
-    cmd = torchrun_command(p, recipe, overrides, Rendezvous("$MASTER_ADDR", master_port, "$NODE_RANK"))
-    lines.append(" ".join(c if c.startswith(("--master-addr=$", "--node-rank=$")) else shlex.quote(c) for c in cmd))
+    cmd = torchrun_command(p, recipe, overrides, Rendezvous('"$MASTER_ADDR"', master_port, '"$NODE_RANK"'))
+    lines.append(shell_join(cmd))
     return "\n".join(lines)
 
 
