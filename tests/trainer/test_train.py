@@ -101,13 +101,16 @@ def test_broken_weight_mapping_trips_the_mismatch_gate_on_the_first_step(tiny, t
 
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", **sections(tiny, run_dir))
-    script = (
-        "import sys, megatron_rl.weights.live as live\n"
-        "orig = live.export_stage\n"
-        "def broken(*a, **k):\n"
-        "    for name, t in orig(*a, **k):\n"
-        "        yield name, (t * 1.5 if name == 'model.norm.weight' else t)\n"
-        "live.export_stage = broken\n"
+    script = (  # the recipe's distributed transport fills ActorSync's flat buckets (weights/buckets.py)
+        "import sys, megatron_rl.weights.stage_sync as ss\n"
+        "from megatron_rl.weights.buckets import hf_views\n"
+        "orig = ss.fill_bucket\n"
+        "def broken(spec, params, dims, group, flat, scratch):\n"
+        "    orig(spec, params, dims, group, flat, scratch)\n"
+        "    for e, t in zip(spec.entries, hf_views(flat, spec.dtype, spec.entries)):\n"
+        "        if e.name == 'model.norm.weight':\n"
+        "            t.mul_(1.5)\n"
+        "ss.fill_bucket = broken\n"
         "from megatron_rl.cli.main import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", script, "train", str(recipe)], capture_output=True, text=True,
