@@ -117,9 +117,9 @@ def log_path(out: Path, index: int) -> Path:
 def _eval_rows(task: Task) -> list[dict[str, str]]:
     doc = json.loads((Path(task.dir) / "results.json").read_text())
     rows = []
-    for model, per_ds in doc["results"].items():
+    for per_ds in doc["results"].values():  # one model per task: its checkpoint label
         for ds, m in per_ds.items():
-            row = {**task.labels, "model": model, "dataset": ds, "problems": str(m["problems"]),
+            row = {**task.labels, "dataset": ds, "problems": str(m["problems"]),
                    "avg": f"{100 * m['avg']['mean']:.1f}"}
             row.update({f"pass@{k}": f"{100 * v:.1f}" for k, v in m["pass_at"].items() if v is not None})
             rows.append(row)
