@@ -87,6 +87,32 @@ README_COMMANDS: dict[str, tuple[str, int, str]] = {
     **_same("megatron-rl plan configs/deepcoder_14b_32k.yaml", "peak per GPU: 72.57 of 79.6 GiB -> FITS"),
     "megatron-rl convert mcore-to-hf --ckpt CKPT --out HF_DIR": (
         "megatron-rl convert mcore-to-hf --ckpt ckpt --out hf_back", 0, "wrote HF model"),
+    # Run on a cluster: placements and scripts as dry runs; the runs themselves in tests/launch/
+    **_same("megatron-rl launch configs/deepcoder_14b_16k.yaml --launcher torchrun --gpus-per-node 8 --dry-run",
+            "--nproc-per-node=8 --master-addr=127.0.0.1 --master-port=29500 -m megatron_rl train "
+            "configs/deepcoder_14b_16k.yaml 'rollout.gpu_ids=[0,1,2,3,4,5,6,7]'"),
+    **_same("megatron-rl launch configs/deepcoder_14b_16k.yaml --launcher torchrun --gpus-per-node 8 --dry-run "
+            "rollout.colocate=false parallel.tp=4 rollout.num_servers=2",
+            "--nproc-per-node=4 --master-addr=127.0.0.1 --master-port=29500 -m megatron_rl train "
+            "configs/deepcoder_14b_16k.yaml rollout.colocate=false parallel.tp=4 rollout.num_servers=2 "
+            "'rollout.gpu_ids=[4,5,6,7]'"),
+    **_same("megatron-rl launch configs/deepcoder_14b_32k.yaml --launcher slurm --nodes 4 --gpus-per-node 8 "
+            "--partition PARTITION --account ACCOUNT --time 24:00:00 --dry-run",
+            "#SBATCH --nodes=4\n#SBATCH --ntasks-per-node=1\n#SBATCH --gpus-per-node=8\n#SBATCH --partition=PARTITION"),
+    **_same("megatron-rl launch configs/deepcoder_14b_32k.yaml --launcher slurm --nodes 4 --gpus-per-node 8 --dry-run "
+            "rollout.colocate=false parallel.dp=2 rollout.num_servers=8 rollout.mem_fraction=0.85",
+            "#   3     rollout server 7 (sglang)  6,7   2        30003  0.85"),
+    "megatron-rl launch configs/tiny_cpu.yaml --launcher torchrun --procs-per-node 2 parallel.tp=2 train.num_steps=2":
+        ("self", 0, "tests/launch/test_launch_cli.py runs it on the tiny test model"),
+    "megatron-rl launch configs/tiny_cpu.yaml --launcher nemo-run --procs-per-node 2 parallel.tp=2 train.num_steps=2":
+        ("self", 0, "tests/launch/test_nemo_local.py runs it on the tiny test model"),
+    **_same("megatron-rl launch --launcher slurm --array eval --checkpoints runs/demo/sft/hf runs/demo/rl/ckpt "
+            "--data runs/demo/data/heldout.parquet --out runs/eval_array --eval-args '--n 8 --max-new-tokens 8' "
+            "--dry-run", "#SBATCH --array=0-1"),
+    **_same("megatron-rl launch configs/tiny_cpu.yaml --launcher slurm --array seeds --seeds 0 1 2 3 --out runs/seeds "
+            "--dry-run train.num_steps=50", "#SBATCH --array=0-3"),
+    "megatron-rl launch gather runs/eval_array": (
+        "self", 0, "tests/launch/test_render.py gathers an array it ran; tests/launch/test_slurm_launch.py on Slurm"),
     "torchrun --nproc-per-node 4 -m megatron_rl logprobs --model HF_DIR_OR_CKPT "
     "--input in.jsonl --output out.jsonl --tp 2 --pp 2": (
         "torchrun --nproc-per-node 4 -m megatron_rl logprobs --model ckpt --input in.jsonl --output out.jsonl "
