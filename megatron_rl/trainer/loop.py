@@ -413,7 +413,7 @@ class Trainer:
         t = self.sync_totals
         if not t.get("syncs"):
             return {}
-        out = {"sync/seconds": t["seconds"], "sync/full": t["full"], "sync/sent_bytes": t["sent_bytes"],
+        out = {"time/sync_transfer": t["seconds"], "sync/full": t["full"], "sync/sent_bytes": t["sent_bytes"],
                "sync/sent_frac": t["sent_bytes"] / max(t["full_bytes"], 1.0),
                "sync/resent_buckets": t["resent_buckets"]}
         if t["elements"]:
