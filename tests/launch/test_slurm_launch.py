@@ -183,3 +183,52 @@ def test_nemo_run_slurm_dry_run_accepted_by_sbatch(slurm_cluster, workdir, user_
     proc = slurm_cluster.run(["sbatch", "--test-only", str(path)], cwd=workdir, env=user_env)
     assert re.search(r"Job \d+ to start at \S+ using \d+ processors on nodes \S+ in partition "
                      + slurm_cluster.partition, proc.stderr + proc.stdout), proc.stderr + proc.stdout
+
+
+def test_failed_array_task_named_then_only_it_resubmitted(slurm_cluster, workdir, user_env):
+    """A task whose dataset is missing fails; the gather names its index and log; once the file
+    exists the same command submits only that task, and the table is complete."""
+    data = workdir / "runs" / "demo" / "data"
+    late = data / "late.parquet"
+    args = ["--launcher", "slurm", "--array", "eval", "--checkpoints", "runs/demo/sft/hf",
+            "--data", "runs/demo/data/heldout.parquet", "runs/demo/data/late.parquet", "--out", "runs/array_retry",
+            "--eval-args", "--n 1 --max-new-tokens 8"]
+    out = launch(args, workdir, user_env)
+    m = re.search(r"submitted array job (\d+) \(tasks 0-1\).*gather job (\d+)", out)
+    assert m, out
+    arr = workdir / "runs" / "array_retry"
+    recs = {r["ArrayTaskId"]: r for r in slurm_cluster.wait_done(m.group(1), timeout=170)}
+    assert_completed([recs["0"]], arr / "logs" / "task-0.out")
+    assert recs["1"]["JobState"] == "FAILED", recs["1"]
+    slurm_cluster.wait_done(m.group(2), timeout=60)  # the gather job runs after any end (and fails: a task did)
+    table = (arr / "results.md").read_text()
+    assert re.search(r"task 1 \(.*late.*\).*log runs/array_retry/logs/task-1\.out", table), table
+
+    shutil.copy(data / "heldout_b.parquet", late)
+    out = launch(args, workdir, user_env)
+    assert "to run: 1" in out, out
+    m = re.search(r"submitted array job (\d+) \(tasks 1\).*gather job (\d+)", out)
+    assert m, out
+    assert [r["ArrayTaskId"] for r in slurm_cluster.wait_done(m.group(1), timeout=170)] == ["1"]
+    assert_completed(slurm_cluster.wait_done(m.group(2), timeout=60), *sorted((arr / "logs").glob("gather-*.out")))
+    rows = (arr / "results.csv").read_text().splitlines()[1:]
+    assert sorted(r.split(",")[1] for r in rows) == ["heldout", "late"], rows
+    assert "Failed" not in (arr / "results.md").read_text()
+
+
+def test_node_that_cannot_start_is_named(slurm_cluster, workdir, user_env):
+    """Submitted without the environment on PATH (the node has no megatron_rl): the job fails at its
+    start-up check, naming the node, before torchrun starts."""
+    env = dict(user_env, PATH=":".join(p for p in user_env["PATH"].split(":") if p != str(BIN)))
+    env.pop("VIRTUAL_ENV", None)
+    out = launch(["configs/tiny_cpu.yaml", "--launcher", "slurm", "--nodes", "1", "--procs-per-node", "2", *TINY,
+                  "train.num_steps=2", "checkpoint.dir=runs/broken/ckpt", "logging.output_dir=runs/broken"],
+                 workdir, env)
+    m = re.search(r"submitted job (\d+): \S+; log (\S+)", out)
+    assert m, out
+    rec = slurm_cluster.wait_done(m.group(1), timeout=60)[0]
+    text = job_log(workdir / m.group(2))
+    assert rec["JobState"] == "FAILED", f"{rec}\n{text}"
+    assert f"node {slurm_cluster.hostname} (SLURM_NODEID 0) cannot import megatron_rl and torch" in text, text
+    assert "start-up check failed" in text, text
+    assert not (workdir / "runs" / "broken" / "metrics.jsonl").exists()

@@ -1,12 +1,13 @@
 """A real one-node Slurm cluster (Debian's slurmctld, slurmd and munge) for the launch tests.
 
 `SlurmCluster` writes a slurm.conf into a temporary directory (no systemd, no cgroups:
-proctrack/linuxproc, task/none, no accounting), starts munged when none answers, then
-slurmctld and slurmd in the foreground as its own children, and waits until `sinfo` shows the
-node idle. `env` is the environment for sbatch/srun/squeue/scontrol (SLURM_CONF set, the
-caller's SLURM_* and launcher variables removed). At exit it cancels what is left, stops
-slurmd, then slurmctld, then munged (only one it started: killing munged first wedges slurmd),
-and kills any leftover process of this cluster (found by its SLURM_CONF).
+proctrack/linuxproc, task/none, no accounting), starts its own munged (own key and socket,
+as user munge: the system's munged is never used or stopped, and two clusters on one machine
+are independent), then slurmctld and slurmd in the foreground as its own children, and waits
+until `sinfo` shows the node idle. `env` is the environment for sbatch/srun/squeue/scontrol
+(SLURM_CONF set, the caller's SLURM_* and launcher variables removed). At exit it cancels what
+is left, stops slurmd, then slurmctld, then munged (killing munged first wedges slurmd), and
+kills any leftover process of this cluster (found by its SLURM_CONF).
 
 `SlurmUnavailable` is raised, with the daemons' log tails, when the cluster cannot start;
 the `slurm_cluster` fixture turns it into a skip.
@@ -31,8 +32,6 @@ PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 DAEMONS = ("slurmctld", "slurmd", "munged")
 CLIENTS = ("sbatch", "srun", "squeue", "sinfo", "scontrol", "scancel")
 SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
-MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
-MUNGE_KEY = Path("/etc/munge/munge.key")
 # Set in a pytest process by in-process single-rank tests, or by an outer launcher: a job that
 # inherits them would think torchrun or another Slurm job had started it.
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -97,17 +96,25 @@ def clean_env(base: dict[str, str] | None = None) -> dict[str, str]:
             and k not in LAUNCHER_VARS}
 
 
-def munge_works(env: dict[str, str] | None = None) -> bool:
+def munge_works(socket_path: Path) -> bool:
     munge, unmunge = which("munge"), which("unmunge")
     if not (munge and unmunge):
         return False
     try:
-        cred = subprocess.run([munge, "-n"], capture_output=True, timeout=10, env=env)
+        cred = subprocess.run([munge, "-n", f"--socket={socket_path}"], capture_output=True, timeout=10)
         if cred.returncode != 0:
             return False
-        return subprocess.run([unmunge], input=cred.stdout, capture_output=True, timeout=10,
-                              env=env).returncode == 0
+        return subprocess.run([unmunge, f"--socket={socket_path}"], input=cred.stdout, capture_output=True,
+                              timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None)
+        return True
+    except OSError:
         return False
 
 
@@ -136,10 +143,14 @@ class SlurmCluster:
         self.hostname = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip() \
             or socket.gethostname().split(".")[0]
         self.conf = self.root / "slurm.conf"
+        # The node's name is what jobs see in SLURM_JOB_NODELIST (the launcher's MASTER_ADDR): a host
+        # name that does not resolve (some containers) would break torch.distributed, localhost does not.
+        self.node = self.hostname if _resolves(self.hostname) else "localhost"
+        self.munge_dir = self.root / "munge"
+        self.munge_socket = self.munge_dir / "munge.socket"
         self.logs = {"slurmctld": self.root / "slurmctld.log", "slurmd": self.root / "slurmd.log",
-                     "munged": self.root / "munged.log"}
+                     "munged": self.munge_dir / "munged.log"}
         self._procs: dict[str, subprocess.Popen] = {}
-        self._started_munge = False
         self.start_seconds: float | None = None
 
     @staticmethod
@@ -185,7 +196,7 @@ class SlurmCluster:
     def write_config(self) -> None:
         for sub in ("state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        values = {"host": self.hostname, "root": str(self.root), "cpus": self.cpus, "mem": self.real_memory_mb,
+        values = {"munge_socket": str(self.munge_socket), "host": self.hostname, "node": self.node, "root": str(self.root), "cpus": self.cpus, "mem": self.real_memory_mb,
                   "ctld_port": free_port(), "slurmd_port": free_port(), "partition": self.partition,
                   "kill_wait": self.kill_wait}
         self.conf.write_text(TEMPLATE.format(**values))
@@ -205,33 +216,31 @@ class SlurmCluster:
         self._spawn("slurmctld", [which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._wait(lambda: self._run_quiet(["scontrol", "ping"]).stdout.count("UP") > 0, "slurmctld to answer ping",
                    ("slurmctld",))
-        self._spawn("slurmd", [which("slurmd"), "-D", "-f", str(self.conf), "-N", self.hostname])
+        self._spawn("slurmd", [which("slurmd"), "-D", "-f", str(self.conf), "-N", self.node])
         self._wait(self._node_idle, "the node to be idle in sinfo", ("slurmctld", "slurmd"))
         self.start_seconds = time.monotonic() - t0
 
     def _start_munge(self) -> None:
-        if munge_works():
-            return
+        """A private munged (own key, socket, log) as user munge: clusters never share or stop the
+        system's munged, and two test sessions on one machine do not stop each other's."""
         munged = which("munged")
-        if not MUNGE_KEY.exists():
-            mungekey = which("mungekey")
-            if mungekey:
-                subprocess.run([mungekey, "--create", "--keyfile", str(MUNGE_KEY)], capture_output=True)
-            else:
-                MUNGE_KEY.write_bytes(os.urandom(128))
-            shutil.chown(MUNGE_KEY, "munge", "munge")
-            MUNGE_KEY.chmod(0o400)
-        for d in (MUNGE_SOCKET.parent, Path("/var/lib/munge"), Path("/var/log/munge")):
-            d.mkdir(parents=True, exist_ok=True)
-            try:
-                shutil.chown(d, "munge", "munge")
-            except (LookupError, PermissionError) as e:
-                raise SlurmUnavailable(f"cannot prepare {d} for munged: {e}") from None
-        MUNGE_SOCKET.parent.chmod(0o755)
-        self.logs["munged"] = Path("/var/log/munge/munged.log")  # munged insists on a directory it owns
-        self._spawn("munged", [munged, "--foreground"], user="munge")
-        self._started_munge = True
-        self._wait(munge_works, "munged to answer (munge -n | unmunge)", ("munged",), timeout=20)
+        d = self.munge_dir
+        d.mkdir(exist_ok=True)
+        d.chmod(0o755)  # munged: "execute permissions for all required" on the socket directory
+        self.root.chmod(0o755)  # user munge reaches its directory
+        key = d / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        try:
+            for path in (d, key):
+                shutil.chown(path, "munge", "munge")
+        except (LookupError, PermissionError) as e:
+            raise SlurmUnavailable(f"cannot prepare {d} for munged (user munge from the munge package): {e}") from None
+        self._spawn("munged", [munged, "--foreground", f"--socket={self.munge_socket}", f"--key-file={key}",
+                               f"--pid-file={d / 'munged.pid'}", f"--log-file={self.logs['munged']}",
+                               f"--seed-file={d / 'munged.seed'}"], user="munge")
+        self._wait(lambda: munge_works(self.munge_socket), "munged to answer (munge -n | unmunge)", ("munged",),
+                   timeout=20)
 
     def _spawn(self, name: str, cmd: list[str], user: str | None = None) -> None:
         out = open(self.root / f"{name}.out", "ab")
