@@ -126,6 +126,93 @@ def parse_record(line: str) -> dict[str, str]:
     return out
 
 
+def kill_marked(conf: Path) -> None:
+    """SIGKILL every process started under a cluster (slurmstepd, job scripts): they carry its SLURM_CONF."""
+    mark = f"SLURM_CONF={conf}".encode()
+    me = os.getpid()
+    for _ in range(3):
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            if int(pid) == me:
+                continue
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            if mark in environ.split(b"\0"):
+                found.append(int(pid))
+        if not found:
+            return
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.3)
+
+
+def _proc(pid: str) -> tuple[list[str], int] | None:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return cmd, ppid
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    """Whether `pid` exits (or is a zombie) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (OSError, IndexError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def reap_orphans() -> list[Path]:
+    """Stop test clusters left running by a test session that died without stopping them (SIGKILL):
+    daemons of a `slurm-test-*` directory whose parent is no longer a Python process. Returns their
+    directories. Clusters of live sessions, and any real cluster, are left alone."""
+    groups: dict[Path, dict[str, int]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        info = _proc(pid)
+        if not info or not info[0][0]:
+            continue
+        cmd, ppid = info
+        name = Path(cmd[0]).name
+        if name in ("slurmd", "slurmctld") and "-f" in cmd[:-1]:
+            root = Path(cmd[cmd.index("-f") + 1]).parent
+        elif name == "munged" and any(a.startswith("--socket=") for a in cmd):
+            root = Path(next(a for a in cmd if a.startswith("--socket="))[len("--socket="):]).parent.parent
+        else:
+            continue
+        if not root.name.startswith("slurm-test-"):
+            continue
+        parent = _proc(str(ppid)) if ppid > 1 else None
+        if parent and "python" in Path(parent[0][0]).name:
+            continue
+        groups.setdefault(root, {})[name] = int(pid)
+    for root, procs in groups.items():
+        for name in ("slurmd", "slurmctld", "munged"):  # the order that does not wedge slurmd
+            pid = procs.get(name)
+            if pid is None:
+                continue
+            for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    break
+                if _gone(pid, wait):
+                    break
+        kill_marked(root / "slurm.conf")
+        shutil.rmtree(root, ignore_errors=True)
+    return list(groups)
+
+
 class SlurmCluster:
     """A one-node Slurm cluster living in a temporary directory (a context manager)."""
 
@@ -211,6 +298,7 @@ class SlurmCluster:
             missing = missing_binaries()
             if missing:
                 raise SlurmUnavailable(f"Slurm binaries missing: {', '.join(missing)}")
+        self.reaped = reap_orphans()  # clusters a killed test session left behind
         self.write_config()
         self._start_munge()
         self._spawn("slurmctld", [which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
@@ -306,28 +394,7 @@ class SlurmCluster:
             self._tmp = None
 
     def _kill_leftovers(self) -> None:
-        """SIGKILL every process started under this cluster (slurmstepd, job scripts): they carry its SLURM_CONF."""
-        mark = f"SLURM_CONF={self.conf}".encode()
-        me = os.getpid()
-        for _ in range(3):
-            found = []
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                if int(pid) == me:
-                    continue
-                try:
-                    environ = Path(f"/proc/{pid}/environ").read_bytes()
-                except OSError:
-                    continue
-                if mark in environ.split(b"\0"):
-                    found.append(int(pid))
-            if not found:
-                return
-            for pid in found:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.3)
+        kill_marked(self.conf)
 
     # --- client helpers -----------------------------------------------------------------------------
 
