@@ -21,13 +21,14 @@ $(STAMP): requirements-cpu.txt requirements-dev.txt setup.py
 	# The code grader's sandbox uses bubblewrap when present (best effort: it degrades, and says so).
 	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1; } || true
-	# The launch tests start a one-node Slurm cluster (tests/launch/slurm): best effort as for bubblewrap;
+	# The launch tests start a one-node Slurm cluster (tests/launch/slurm; procps: pkill, which the
+	# rendered sbatch script uses to forward the pre-emption signal): best effort as for bubblewrap;
 	# without it they skip and say why.
-	@for b in slurmctld slurmd sbatch munged; do command -v $$b >/dev/null || [ -x /usr/sbin/$$b ] || missing=1; done; \
+	@for b in slurmctld slurmd sbatch munged pkill; do command -v $$b >/dev/null || [ -x /usr/sbin/$$b ] || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge) >/dev/null 2>&1 && \
-	    echo "installed slurmctld slurmd slurm-client munge (apt)"; } || \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge procps) >/dev/null 2>&1 && \
+	    echo "installed slurmctld slurmd slurm-client munge procps (apt)"; } || \
 	  echo "note: Slurm/munge not installed (needs root and apt-get): the Slurm launch tests will skip"; fi
 	$(PY) -c "import torch, megatron.core, megatron_rl.kernels; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "procps")
 DAEMONS = ("slurmctld", "slurmd", "munged")
 CLIENTS = ("sbatch", "srun", "squeue", "sinfo", "scontrol", "scancel")
 SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -51,7 +51,8 @@ def which(name: str) -> str | None:
 
 
 def missing_binaries() -> list[str]:
-    return [b for b in (*DAEMONS, *CLIENTS, "munge", "unmunge") if which(b) is None]
+    # pkill (procps, absent from minimal images): the launcher's sbatch script forwards SIGUSR1 with it
+    return [b for b in (*DAEMONS, *CLIENTS, "munge", "unmunge", "pkill") if which(b) is None]
 
 
 def ensure_installed(timeout: float = 600) -> None:
