@@ -46,6 +46,10 @@ class RolloutConfig:
     weight group of its own (NCCL/gloo, SGLang's protocol); shm: colocated servers on this node,
     launched by this run with the embedded engine, map the buckets from shared memory (/dev/shm);
     disk: a safetensors directory; tensor: tensors over HTTP (rank 0 sends every stage)."""
+    sync_address: str | None = None
+    """Address the servers reach this run's weight senders at (distributed transport). None: the
+    address of the interface that routes to the first remote server (127.0.0.1 when every server
+    is on this host); set it where several networks connect the nodes."""
     bucket_size_mb: int = 512
     """Weight sync bucket size in MiB: tensors are sent in groups of about this many bytes."""
     sync_delta: bool = False

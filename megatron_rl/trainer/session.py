@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import shutil
@@ -153,6 +154,7 @@ class Session:
     def open_link(self) -> None:
         """Collective: open the per-stage weight sync (``ActorSync``) with the current servers."""
         from megatron_rl.weights.stage_sync import ActorSync, SyncOptions
+        from megatron_rl.weights.sync import address_toward
 
         r = self.cfg.rollout
         self.link_opens += 1
@@ -161,6 +163,10 @@ class Session:
                            group_name=f"megatron_rl_weights_{self.link_opens}", backend=weight_sync_backend(self.cfg),
                            timeout_s=r.health_timeout_s)
         receiver = self.client if self.rank0 else self.sync_client
+        if receiver is not None and r.sync_transport == "distributed":
+            # Each stage's sender listens here: on a multi-node job the servers are elsewhere.
+            address = r.sync_address or address_toward([x.url for x in receiver.pool.servers])
+            opts = dataclasses.replace(opts, master_address=address)
         self.link = self.run(ActorSync.open(self.actor.model[0], self.dims, self.topo, receiver, opts))
 
     def close(self) -> None:

@@ -206,6 +206,21 @@ class WeightGroup:
         torch.distributed.destroy_process_group(self.pg)
 
 
+def address_toward(urls: Sequence[str]) -> str:
+    """This host's address as the servers at ``urls`` reach it: 127.0.0.1 when every server is
+    on this host, else the address of the interface the kernel routes the first remote server
+    through (a UDP connect sends nothing; it only picks the route)."""
+    from urllib.parse import urlsplit
+
+    hosts = [urlsplit(u).hostname or "" for u in urls]
+    remote = [h for h in hosts if h not in ("127.0.0.1", "localhost", "::1", "")]
+    if not remote:
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((remote[0], 9))
+        return str(s.getsockname()[0])
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now (bind to port 0)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

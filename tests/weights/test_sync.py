@@ -169,3 +169,20 @@ def test_distributed_transport_to_a_server_process_and_bad_names_do_not_hang(dir
         report, got, still = asyncio.run(main(server.url))
     assert got == pytest.approx(want, abs=1e-4) and still == pytest.approx(want, abs=1e-4)
     assert report.num_tensors == len(list(source.parameters())) and report.num_buckets > 1
+
+
+def test_sync_address_is_loopback_for_local_servers_and_a_routed_interface_for_remote_ones():
+    from megatron_rl.weights.sync import address_toward
+
+    assert address_toward(["http://127.0.0.1:30000", "http://localhost:30001"]) == "127.0.0.1"
+    # A remote server (TEST-NET-1, never answered: a UDP connect only picks the route): the
+    # address is one of this host's own interfaces, never loopback.
+    import socket
+
+    try:
+        got = address_toward(["http://127.0.0.1:30000", "http://192.0.2.7:30001"])
+    except OSError as e:  # no route at all (a sandbox without a default route)
+        pytest.skip(f"no route to a remote address here: {e}")
+    assert got != "127.0.0.1" and socket.inet_aton(got)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((got, 0))  # it is this host's
