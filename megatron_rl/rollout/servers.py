@@ -226,7 +226,9 @@ class ServerManager:
         return [LaunchSpec(engine=cfg.engine, model_path=self.model_path, port=port, host=self.host,
                            tp_size=cfg.tp_size, mem_fraction=cfg.mem_fraction,
                            gpu_ids=gpus[i * cfg.tp_size:(i + 1) * cfg.tp_size] if cfg.engine == "sglang" else [],
-                           extra_args=self.extra_args, python=self.python,
+                           # colocated: the trainer releases their GPU memory around each update
+                           extra_args=self.extra_args + (["--enable-memory-saver"] if cfg.engine == "sglang"
+                                                         and cfg.colocate else []), python=self.python,
                            deterministic=bool(getattr(cfg, "deterministic", False)))
                 for i, port in enumerate(ports)]
 

@@ -101,6 +101,9 @@ def test_sglang_commands_gpus_and_missing_install(tmp_path, monkeypatch):
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
     assert cmd[cmd.index("--tp-size") + 1] == "2" and cmd[cmd.index("--mem-fraction-static") + 1] == "0.5"
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--model-path") + 1] == "/models/qwen"
+    assert "--enable-memory-saver" not in cmd  # own GPUs: nothing to release
+    colocated = RolloutConfig(engine="sglang", num_servers=1, tp_size=2, base_port=0, mem_fraction=0.5, colocate=True)
+    assert "--enable-memory-saver" in srv.sglang_command(srv.ServerManager(colocated, "/m", log_dir=tmp_path).specs()[0])
     seen = []
     monkeypatch.setattr(srv, "start_process", lambda command, url, log, env: seen.append(env) or srv.ServerProcess(url))
     manager._launch(1, specs[1])
