@@ -134,7 +134,7 @@ def test_preemption_checkpoints_then_requeue_resumes(slurm_cluster, workdir, use
     checkpoint after its step and the job requeue itself; the rerun resumes from that checkpoint
     and finishes with every step once."""
     run = workdir / "runs" / "slurm_preempt"
-    total = 40
+    total = 60  # steps of ~0.1-0.2 s: the warning must land while some are left
     out = launch(["configs/tiny_cpu.yaml", "--launcher", "slurm", "--nodes", "1", "--procs-per-node", "2",
                   "--master-port", free_port(), *TINY, f"train.num_steps={total}", "checkpoint.save_every=1000",
                   f"checkpoint.dir={run.relative_to(workdir)}/ckpt", f"logging.output_dir={run.relative_to(workdir)}"],
