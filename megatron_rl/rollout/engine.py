@@ -136,6 +136,10 @@ class EmbeddedEngine:
         self._paused = False
         self._stopping = False
         self._groups: dict[str, Any] = {}
+        # Per weight group: a receive buffer reused by every bucket (grown when needed). Fresh
+        # memory each time halved gloo's receive rate here (1.06 vs 1.97 GB/s for 512 MiB: the
+        # page faults); it costs one bucket of memory per group while the group lives.
+        self._recv_buffers: dict[str, torch.Tensor] = {}
         # Scheduler state, touched by the scheduler thread only (``_running`` mirrors it for others).
         self.chunked_prefill_size = chunked_prefill_size
         self._mergeable = mergeable(self.model.config)
@@ -357,6 +361,7 @@ class EmbeddedEngine:
 
     def destroy_weight_group(self, group_name: str) -> None:
         group = self._groups.pop(group_name, None)
+        self._recv_buffers.pop(group_name, None)
         if group is None:
             raise BadRequest(f"No weight group named {group_name!r}.")
         group.close()
@@ -377,11 +382,11 @@ class EmbeddedEngine:
             size = delta.get("payload_bytes") if isinstance(delta, dict) else None
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise BadRequest(f"delta.payload_bytes must be a non-negative integer, got {size!r}.")
-            payload = torch.empty(size, dtype=torch.uint8)
+            payload = self._recv_buffer(group_name, size)
             group.broadcast([payload])
             return self.load_flat(payload, names, dtypes, shapes, delta)
         if flattened:
-            flat = torch.empty(bucket_nbytes(torch_dtypes, shapes), dtype=torch.uint8)
+            flat = self._recv_buffer(group_name, bucket_nbytes(torch_dtypes, shapes))
             group.broadcast([flat])
             tensors = unflatten_bucket(flat, torch_dtypes, shapes)
         else:
@@ -389,6 +394,14 @@ class EmbeddedEngine:
             group.broadcast(tensors)
         # Received in full before any check, so a bad name never leaves the sender blocked.
         return self.load_weights(zip(names, tensors))
+
+    def _recv_buffer(self, group_name: str, nbytes: int) -> torch.Tensor:
+        """The first ``nbytes`` of the group's reused receive buffer (uint8)."""
+        buf = self._recv_buffers.get(group_name)
+        if buf is None or buf.numel() < nbytes:
+            self._recv_buffers.pop(group_name, None)  # the old one goes before the new one is made
+            buf = self._recv_buffers[group_name] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes]
 
     # ----------------------------------------------------------------- scheduler
     def _finish(self, job: Job, finish: dict[str, Any]) -> None:

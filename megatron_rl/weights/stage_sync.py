@@ -113,6 +113,12 @@ class StageStats:
     elements: int = 0
     fallbacks: int = 0
     """Buckets a server refused on a checksum mismatch and that were then sent in full."""
+    fill_s: float = 0.0
+    """Seconds filling buckets from the TP shards (the fill thread; overlaps sending)."""
+    encode_s: float = 0.0
+    """Seconds encoding deltas and computing their checksums."""
+    send_s: float = 0.0
+    """Seconds in the transmits (broadcast or shared-memory write, plus the servers' load)."""
 
     def add(self, other: StageStats) -> None:
         for k in self.__dataclass_fields__:
@@ -181,18 +187,21 @@ class _Leader:
         for i in range(len(self.buffers)):
             free.put(i)
 
+        stats, error, force_full = StageStats(), None, full
+
         def produce() -> None:
             try:
                 for spec in self.specs:
                     i = free.get()
+                    t0 = time.perf_counter()
                     fill_bucket(spec, params, dims, tp_group, self.buffers[i][:spec.nbytes], self.scratch)
+                    stats.fill_s += time.perf_counter() - t0
                     filled.put(i)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
                 filled.put(e)
 
         producer = threading.Thread(target=produce, name="weight-fill", daemon=True)
         producer.start()
-        stats, error, force_full = StageStats(), None, full
         try:
             for k, spec in enumerate(self.specs):
                 item = await asyncio.to_thread(filled.get)
@@ -219,6 +228,7 @@ class _Leader:
         stats.buckets += 1
         base = self.base[k]
         if self.opts.delta and base is not None and not force_full:
+            t0 = time.perf_counter()
             kind, changed, payload, idx_K = D.encode(flat, base, spec.elem_size)
             if self.corrupt_now and changed > 0:  # test hook: a value byte flipped on the way
                 log.warning("%s: corrupting a delta payload on purpose (test hook)", FAULT_CORRUPT_DELTA)
@@ -226,11 +236,12 @@ class _Leader:
                 payload[-1] ^= 0x10
             sums = tuple(D.checksum(flat[e.offset:e.offset + e.nbytes], self.algo) for e in spec.entries)
             header = D.DeltaHeader(kind, changed, payload.numel(), self.algo, sums)
+            stats.encode_s += time.perf_counter() - t0
             stats.delta_buckets += 1
             stats.changed += changed
             stats.elements += spec.nbytes // spec.elem_size
             try:
-                await self._transmit(spec, payload, header, version, slot)
+                await self._transmit(spec, payload, header, version, slot, stats)
                 stats.sent_bytes += payload.numel()
             except UserError as e:
                 if D.MISMATCH_MARKER not in str(e):
@@ -238,7 +249,7 @@ class _Leader:
                 log.warning("weight sync: a server refused a delta bucket (%s); sending it and the rest of this "
                             "sync in full", e)
                 stats.fallbacks += 1
-                await self._transmit(spec, flat, None, version, slot)
+                await self._transmit(spec, flat, None, version, slot, stats)
                 stats.sent_bytes += payload.numel() + spec.nbytes
                 base.copy_(flat)
                 return True
@@ -248,7 +259,7 @@ class _Leader:
                 words = D.as_words(base, spec.elem_size)
                 words[idx_K] = D.as_words(flat, spec.elem_size)[idx_K]
             return force_full
-        await self._transmit(spec, flat, None, version, slot)
+        await self._transmit(spec, flat, None, version, slot, stats)
         stats.sent_bytes += spec.nbytes
         if self.opts.delta:
             if base is None:
@@ -258,7 +269,15 @@ class _Leader:
         return force_full
 
     async def _transmit(self, spec: BucketSpec, payload: torch.Tensor, header: D.DeltaHeader | None,
-                        version: str | None, slot: int) -> None:
+                        version: str | None, slot: int, stats: StageStats) -> None:
+        t0 = time.perf_counter()
+        try:
+            await self._transmit_now(spec, payload, header, version, slot)
+        finally:
+            stats.send_s += time.perf_counter() - t0
+
+    async def _transmit_now(self, spec: BucketSpec, payload: torch.Tensor, header: D.DeltaHeader | None,
+                            version: str | None, slot: int) -> None:
         names, dtypes, shapes = spec.wire()
         meta = None if header is None else header.to_json()
         if self.sender is not None:
