@@ -162,35 +162,60 @@ def _expand(byte_idx: np.ndarray, byte_val: np.ndarray) -> np.ndarray:
 
 
 def encode(new: torch.Tensor, old: torch.Tensor, elem_size: int) -> tuple[Encoding, int, torch.Tensor, torch.Tensor | None]:
-    """(encoding, K, payload uint8, changed positions (K,) or None for dense) turning ``old``
-    into ``new`` (both uint8 (N*E,), same size)."""
+    """(encoding, K, payload uint8, changed positions (K,) for ``indices``, else None) turning
+    ``old`` into ``new`` (both uint8 (N*E,), same size).
+
+    The bitmask path never builds the K positions: the values are gathered with the boolean
+    mask in one pass (expanding 12M positions from mask bytes took 1.8 s of a 2.5 s encode of
+    a 512 MiB bf16 bucket at 4.5% changed; the boolean gather takes 0.4 s)."""
     if new.numel() != old.numel():
         raise ValueError(f"bucket sizes differ: new {new.numel()} bytes, old {old.numel()}")
     new_w = as_words(new, elem_size).numpy()
     changed_N = np.not_equal(new_w, as_words(old, elem_size).numpy())
     n = changed_N.size
+    k = int(np.count_nonzero(changed_N))
     mask_M = np.packbits(changed_N, bitorder="little")
-    del changed_N
-    byte_idx = np.flatnonzero(mask_M)
-    byte_val = mask_M[byte_idx]
-    pos_K = _expand(byte_idx, byte_val)
-    k = pos_K.size
-    sizes = encoded_sizes(n, k, elem_size, byte_idx.size)
+    nonzero_M = mask_M != 0
+    byte_val = mask_M[nonzero_M]
+    sizes = encoded_sizes(n, k, elem_size, byte_val.size)
     kind: Encoding = min(sizes, key=lambda e: (sizes[e], ENCODINGS.index(e)))  # type: ignore[assignment]
     if kind == "dense":
         return kind, k, new, None
     out = np.zeros(sizes[kind], dtype=np.uint8)
     head = sizes[kind] - k * elem_size
-    if kind == "indices":
+    values = out[head:].view(new_w.dtype)
+    if kind == "indices":  # chosen only when K is tiny (below ~N/256): expanding the positions is cheap
+        pos_K = _expand(np.flatnonzero(nonzero_M), byte_val)
         idx_dtype = np.int32 if _index_dtype(n) == torch.int32 else np.int64
         out[:k * np.dtype(idx_dtype).itemsize].view(idx_dtype)[:] = pos_K
-    else:
-        level1 = np.packbits(mask_M != 0, bitorder="little")
-        out[:level1.size] = level1
-        start = _pad8(level1.size)
-        out[start:start + byte_val.size] = byte_val
-    out[head:].view(new_w.dtype)[:] = new_w[pos_K]
-    return kind, k, torch.from_numpy(out), torch.from_numpy(pos_K)
+        values[:] = new_w[pos_K]
+        return kind, k, torch.from_numpy(out), torch.from_numpy(pos_K)
+    level1 = np.packbits(nonzero_M, bitorder="little")
+    out[:level1.size] = level1
+    start = _pad8(level1.size)
+    out[start:start + byte_val.size] = byte_val
+    del mask_M, nonzero_M, byte_val
+    values[:] = new_w[changed_N]
+    return kind, k, torch.from_numpy(out), None
+
+
+def _bitmask_parts(header: DeltaHeader, raw: np.ndarray, n: int, elem_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the non-zero mask bytes, those bytes) of a bitmask payload; ValueError if malformed."""
+    k, m = header.changed, (n + 7) // 8
+    level1_size = (m + 7) // 8
+    if raw.size < level1_size:
+        raise ValueError(f"bitmask payload of {raw.size} bytes is shorter than its {level1_size}-byte index")
+    byte_idx = np.flatnonzero(np.unpackbits(raw[:level1_size], count=m, bitorder="little"))
+    want = _bitmask_head(n, byte_idx.size) + k * elem_size
+    if raw.size != want:
+        raise ValueError(f"bitmask payload of {raw.size} bytes for {n} elements with {k} changed (expected {want})")
+    start = _pad8(level1_size)
+    byte_val = raw[start:start + byte_idx.size]
+    if not byte_val.all() or int(_POPCOUNT[byte_val].sum()) != k:
+        raise ValueError(f"delta bitmask does not mark exactly {k} elements in non-zero bytes")
+    if n % 8 and byte_idx.size and byte_idx[-1] == m - 1 and byte_val[-1] >> (n % 8):
+        raise ValueError(f"delta bitmask marks elements past the bucket's {n}")
+    return byte_idx, byte_val
 
 
 def decode(header: DeltaHeader, payload: torch.Tensor, n: int, elem_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,21 +230,7 @@ def decode(header: DeltaHeader, payload: torch.Tensor, n: int, elem_size: int) -
         if k and (pos_K[0] < 0 or pos_K[-1] >= n or (np.diff(pos_K) <= 0).any()):
             raise ValueError(f"delta indices must be strictly increasing in [0, {n})")
     elif header.encoding == "bitmask":
-        m = (n + 7) // 8
-        level1_size = (m + 7) // 8
-        if raw.size < level1_size:
-            raise ValueError(f"bitmask payload of {raw.size} bytes is shorter than its {level1_size}-byte index")
-        byte_idx = np.flatnonzero(np.unpackbits(raw[:level1_size], count=m, bitorder="little"))
-        want = _bitmask_head(n, byte_idx.size) + k * elem_size
-        if raw.size != want:
-            raise ValueError(f"bitmask payload of {raw.size} bytes for {n} elements with {k} changed (expected {want})")
-        start = _pad8(level1_size)
-        byte_val = raw[start:start + byte_idx.size]
-        if not byte_val.all() or int(_POPCOUNT[byte_val].sum()) != k:
-            raise ValueError(f"delta bitmask does not mark exactly {k} elements in non-zero bytes")
-        pos_K = _expand(byte_idx, byte_val)
-        if k and pos_K[-1] >= n:
-            raise ValueError(f"delta bitmask marks elements past the bucket's {n}")
+        pos_K = _expand(*_bitmask_parts(header, raw, n, elem_size))
     else:
         raise ValueError(f"decode takes sparse encodings, not {header.encoding!r}")
     head = raw.size - k * elem_size
@@ -251,6 +262,21 @@ def apply(targets: Sequence[torch.Tensor], dtype: torch.dtype, header: DeltaHead
         values_N = payload.view(dtype)
         for t, (a, b) in zip(targets, tensor_ranges(numels)):
             t.view(-1).copy_(values_N[a:b])
+    elif header.encoding == "bitmask":  # scattered with the boolean mask: no K positions built
+        byte_idx, byte_val = _bitmask_parts(header, payload.numpy(), n, elem_size)
+        mask_M = np.zeros((n + 7) // 8, dtype=np.uint8)
+        mask_M[byte_idx] = byte_val
+        del byte_idx, byte_val
+        mask_N = np.unpackbits(mask_M, count=n, bitorder="little").view(np.bool_)
+        del mask_M
+        values_K = as_words(payload[payload.numel() - header.changed * elem_size:], elem_size).view(dtype)
+        lo = 0
+        for t, (a, b) in zip(targets, tensor_ranges(numels)):
+            part = mask_N[a:b]
+            hi = lo + int(np.count_nonzero(part))  # numpy's count: torch's bool sum measured 20x slower
+            if hi > lo:
+                t.view(-1).masked_scatter_(torch.from_numpy(part), values_K[lo:hi].to(t.dtype))
+            lo = hi
     else:
         pos_K, values_K = decode(header, payload, n, elem_size)
         values_K = values_K.view(dtype)

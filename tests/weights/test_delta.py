@@ -70,6 +70,14 @@ def test_malformed_delta_headers_and_payloads_are_refused():
         D.decode(header, bad, 10, 2)
     with pytest.raises(ValueError, match=r"payload of 8 bytes .*\(expected 12\)"):
         D.decode(header, bad[:8], 10, 2)
+    # A bitmask marking element 11 of a 10-element bucket: level 1 (byte 1 non-zero), the mask byte, a value.
+    past = torch.zeros(18, dtype=torch.uint8)
+    past[0], past[8] = 0b10, 0b1000
+    header = D.DeltaHeader("bitmask", 1, 18, "crc32", ("0",))
+    with pytest.raises(ValueError, match="past the bucket"):
+        D.decode(header, past, 10, 2)
+    with pytest.raises(ValueError, match="past the bucket"):
+        D.apply([torch.zeros(10)], torch.bfloat16, header, past)
 
 
 DIMS = ModelDims(family="qwen2", architecture="Qwen2ForCausalLM", num_layers=2, hidden_size=16, num_heads=4,
