@@ -4,6 +4,7 @@ run or submit. The CLI (``megatron_rl.cli.launch``) only parses and calls these.
 from __future__ import annotations
 
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,12 +95,29 @@ def _checkpointed(cfg: RunConfig) -> None:
             f"{cfg.logging.output_dir or 'runs/NAME'}/ckpt.")
 
 
+def check_job_environment(slurm: SlurmOptions, tools: tuple[str, ...] = ("python", "torchrun")) -> None:
+    """Refuse to submit a job that would run another environment's tools: the job inherits this
+    shell's PATH (sbatch --export=ALL), so ``python`` and ``torchrun`` must be this interpreter's
+    (an activated venv), unless a container provides them."""
+    if slurm.container:
+        return
+    here = Path(sys.executable).parent
+    for tool in tools:
+        found = shutil.which(tool)
+        if found is None or Path(found).parent.resolve() != here.resolve():
+            raise UserError(
+                f"the job would run `{tool}` from this shell's PATH ({found or 'not found'}), not from the "
+                f"environment megatron-rl runs in ({here}): activate it first (`source {here}/activate`), or "
+                f"give --container IMAGE. Nothing was submitted.")
+
+
 def launch_slurm(req: LaunchRequest, cfg: RunConfig, p: Placement) -> int:
     _checkpointed(cfg)
     script = render_train_sbatch(cfg, p, req.recipe, req.overrides, req.slurm, req.command)
     if req.dry_run:
         print(script, end="")
         return 0
+    check_job_environment(req.slurm)
     log_dir = Path(req.slurm.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"{req.slurm.job_name}.sbatch"
@@ -162,6 +180,7 @@ def launch_array(req: LaunchRequest) -> int:
     if req.dry_run:
         print(script, end="")
         return 0
+    check_job_environment(req.slurm, ("megatron-rl",))
     (out / "logs").mkdir(parents=True, exist_ok=True)
     path = out / "array.sbatch"
     path.write_text(script)

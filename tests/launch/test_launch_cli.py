@@ -67,3 +67,17 @@ def test_torchrun_launcher_trains_the_tiny_recipe_on_two_processes(tiny_model, t
     assert [r["step"] for r in rows] == [0, 1]  # two steps, numbered from 0
     assert (run / "ckpt" / "latest").exists()
     assert "  tp: 2\n" in (run / "config.yaml").read_text()
+
+
+def test_slurm_submission_refuses_a_shell_whose_path_is_another_environment(tmp_path):
+    """The job inherits this shell's PATH: without the venv on it, `torchrun` would be another
+    environment's (or none), so nothing is submitted (sbatch is never reached: none is on PATH)."""
+    proc = cli("launch", "configs/tiny_cpu.yaml", "--launcher", "slurm", "--procs-per-node", "1",
+               f"checkpoint.dir={tmp_path / 'ckpt'}", extra_env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2, proc.stderr
+    text = one_paragraph(proc.stderr)
+    assert "from this shell's PATH" in text and "activate it first" in text and "Nothing was submitted" in text
+    from megatron_rl.launch.slurm import SlurmOptions
+    from megatron_rl.launch.submit import check_job_environment
+
+    check_job_environment(SlurmOptions(container="img:1"))  # the container brings its own tools
