@@ -365,8 +365,9 @@ class Trainer:
         mid-sync) is dropped and the weight sync reopened with the survivors (a full sync), once.
         ``in_place``: running requests are frozen, not aborted, and continue on the new weights.
 
-        distributed / shm: the session's ``ActorSync`` (one sender per pipeline stage, delta
-        when ``rollout.sync_delta``); disk / tensor: rank 0 sends every stage (``sync_actor_weights``)."""
+        distributed / shm on a CPU actor: the session's ``ActorSync`` (one sender per pipeline
+        stage, delta when ``rollout.sync_delta``); disk / tensor, and distributed on a CUDA actor:
+        rank 0 sends every stage (``sync_actor_weights``)."""
         from megatron_rl.weights.actor_sync import sync_actor_weights
 
         s, cfg = self.s, self.cfg
@@ -378,7 +379,8 @@ class Trainer:
                     report = s.run(s.link.sync(weight_version=version, control=receiver))
                 else:
                     report = s.run(sync_actor_weights(
-                        s.actor.model[0], s.dims, s.topo, receiver, bucket_bytes=cfg.rollout.bucket_size_mb << 20,
+                        s.actor.model[0], s.dims, s.topo, receiver, sender=s.sender,
+                        bucket_bytes=cfg.rollout.bucket_size_mb << 20,
                         transport=cfg.rollout.sync_transport, disk_dir=s.out_dir / "sync", weight_version=version))
                 self.record_sync(report)
                 return

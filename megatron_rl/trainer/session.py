@@ -117,6 +117,8 @@ class Session:
     """A stage leader's own rollout client (leaders of stages > 0; rank 0 uses ``client``)."""
     shm_dir: str | None = None
     link_opens: int = 0
+    sender: Any = None
+    """Rank 0, distributed transport on a CUDA actor: the single weight group of ``sync_actor_weights``."""
 
     @property
     def rank0(self) -> bool:
@@ -149,7 +151,22 @@ class Session:
             if self.sync_client is not None:
                 self.sync_client.pool.servers = [s for s in self.sync_client.pool.servers if s.url not in dead]
             self.open_link()
+        elif dead and self.cfg.rollout.sync_transport == "distributed":
+            if self.sender is not None:
+                self.sender.group.close()  # its peers are gone: the group cannot be reused
+            self.connect_sender(f"megatron_rl_sync_{len(dead)}")
         return bool(dead)
+
+    def connect_sender(self, group_name: str) -> None:
+        """Collective (distributed transport, CUDA actor): rank 0 opens the one weight group."""
+        from megatron_rl.weights.actor_sync import connect_actor_sender
+        from megatron_rl.weights.sync import address_toward
+
+        r = self.cfg.rollout
+        address = (r.sync_address or address_toward([x.url for x in self.client.pool.servers])) if self.rank0 else ""
+        self.sender = self.run(connect_actor_sender(self.topo, self.client if self.rank0 else None,
+                                                    backend=weight_sync_backend(self.cfg), group_name=group_name,
+                                                    master_address=address, timeout_s=r.health_timeout_s))
 
     def open_link(self) -> None:
         """Collective: open the per-stage weight sync (``ActorSync``) with the current servers."""
@@ -181,7 +198,7 @@ class Session:
             except Exception as e:  # noqa: BLE001 - teardown: log and go on
                 log.debug("while closing the weight sync: %s", e)
             self.link = None
-        for closing in (self.sync_client, self.client):
+        for closing in (self.sender, self.sync_client, self.client):
             if closing is None:
                 continue
             try:
@@ -293,8 +310,20 @@ def _shm_dir(s: Session) -> str:
     return path
 
 
+def stage_sync_enabled(cfg: RunConfig) -> bool:
+    """Whether weights go through ``ActorSync`` (per-stage senders, delta, shared memory). It
+    fills CPU buckets and moves TP shards with CPU tensors, so it serves CPU actors (gloo) only;
+    a CUDA actor keeps rank 0's single-group ``sync_actor_weights`` over NCCL."""
+    return cfg.rollout.sync_transport in ("distributed", "shm") and not torch.cuda.is_available()
+
+
 def _open_services(s: Session) -> None:
     cfg = s.cfg
+    if torch.cuda.is_available() and (cfg.rollout.sync_delta or cfg.rollout.sync_transport == "shm"):
+        raise ConfigError(
+            "`rollout.sync_delta` and `rollout.sync_transport: shm` go through the per-stage weight sync, "
+            "which runs on CPU actors only today (CPU buckets, gloo); on GPUs use `rollout.sync_transport: "
+            "distributed` with `rollout.sync_delta: false`.")
     on_rank0(lambda: _open_data(s))
     server_dir = _server_model_dir(s) if not cfg.rollout.server_urls else s.hf_dir
     shm = cfg.rollout.sync_transport == "shm"
@@ -321,7 +350,9 @@ def _open_services(s: Session) -> None:
 
     urls = on_rank0(start_services)
     log.info("rollout servers: %s", urls) if s.rank0 else None
-    if cfg.rollout.sync_transport in ("distributed", "shm"):
+    if cfg.rollout.sync_transport == "distributed" and not stage_sync_enabled(cfg):
+        s.connect_sender("megatron_rl_sync")
+    elif stage_sync_enabled(cfg):
         from megatron_rl.rollout.client import RolloutClient
         from megatron_rl.weights.stage_sync import ActorSync
 

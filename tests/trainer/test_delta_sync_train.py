@@ -136,3 +136,24 @@ def test_corrupted_delta_is_refused_and_resent_in_full(tiny, tmp_path, pp):
     assert "weight checksum mismatch" in log
     assert shm_entries() <= shm_before  # the run's shared-memory directory went with it
     assert not os.environ.get("MEGATRON_RL_FAULT_CORRUPT_DELTA")
+
+
+def test_single_sender_path_of_cuda_actors_still_syncs(tiny, tmp_path):
+    """A CUDA actor keeps rank 0's single weight group (``sync_actor_weights``); here on CPU with
+    ``stage_sync_enabled`` patched off, as on a GPU machine: every step's gate holds, each sync full."""
+    import sys
+
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", **sections(tiny, run_dir, train={"num_steps": 2},
+                                                          checkpoint={"save_every": 2}))
+    script = ("import sys, megatron_rl.trainer.session as session\n"
+              "session.stage_sync_enabled = lambda cfg: False\n"
+              "from megatron_rl.cli.main import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", script, "train", str(recipe)], capture_output=True, text=True,
+                          timeout=300, env=env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = metrics(run_dir, drop_timings=False)
+    assert [r["step"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["mismatch/abs_logp_diff_max"] < 1e-4 and r["sync/full"] == 1 and r["sync/sent_frac"] == 1, r
