@@ -3,6 +3,7 @@ run or submit. The CLI (``megatron_rl.cli.launch``) only parses and calls these.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import sys
@@ -99,8 +100,8 @@ def check_job_environment(slurm: SlurmOptions, tools: tuple[str, ...] = ("python
     """Refuse to submit a job that would run another environment's tools: the job inherits this
     shell's PATH (sbatch --export=ALL), so ``python`` and ``torchrun`` must be this interpreter's
     (an activated venv), unless a container provides them."""
-    if slurm.container:
-        return
+    if slurm.container or os.environ.get("MEGATRON_RL_LAUNCH_TRUST_PATH") == "1":
+        return  # a container, or a site that sets the job's environment itself (modules, wrappers)
     here = Path(sys.executable).parent
     for tool in tools:
         found = shutil.which(tool)
@@ -108,7 +109,8 @@ def check_job_environment(slurm: SlurmOptions, tools: tuple[str, ...] = ("python
             raise UserError(
                 f"the job would run `{tool}` from this shell's PATH ({found or 'not found'}), not from the "
                 f"environment megatron-rl runs in ({here}): activate it first (`source {here}/activate`), or "
-                f"give --container IMAGE. Nothing was submitted.")
+                f"give --container IMAGE (or set MEGATRON_RL_LAUNCH_TRUST_PATH=1 where the job's environment is "
+                f"set up another way). Nothing was submitted.")
 
 
 def launch_slurm(req: LaunchRequest, cfg: RunConfig, p: Placement) -> int:

@@ -205,7 +205,8 @@ def test_array_eval_tasks_gather_and_resubmit_only_the_missing(tmp_path):
     out = tmp_path / "arr"
     args = ["launch", "--launcher", "slurm", "--array", "eval", "--checkpoints", "good", "bad", "--data",
             "x.parquet", "y.parquet", "--out", out, "--eval-args", "--n 2 --max-new-tokens 8"]
-    proc = cli(*args, extra_env={"PATH": env["PATH"], "STUB_LOG": env["STUB_LOG"]})
+    proc = cli(*args, extra_env={"PATH": env["PATH"], "STUB_LOG": env["STUB_LOG"],
+                                 "MEGATRON_RL_LAUNCH_TRUST_PATH": "1"})  # the stubs stand in for the tools
     assert proc.returncode == 0, proc.stderr
     assert "submitted array job 4242 (tasks 0-3)" in proc.stdout
     sbatch_calls = (Path(env["STUB_LOG"]) / "sbatch").read_text().splitlines()
