@@ -221,6 +221,9 @@ def test_node_that_cannot_start_is_named(slurm_cluster, workdir, user_env):
     start-up check, naming the node, before torchrun starts."""
     env = dict(user_env, PATH=":".join(p for p in user_env["PATH"].split(":") if p != str(BIN)))
     env.pop("VIRTUAL_ENV", None)
+    # The submission-time check would refuse this shell; a site whose jobs set up their own
+    # environment (modules, wrappers) turns it off, and then the node itself is the one to fail.
+    env["MEGATRON_RL_LAUNCH_TRUST_PATH"] = "1"
     out = launch(["configs/tiny_cpu.yaml", "--launcher", "slurm", "--nodes", "1", "--procs-per-node", "2", *TINY,
                   "train.num_steps=2", "checkpoint.dir=runs/broken/ckpt", "logging.output_dir=runs/broken"],
                  workdir, env)

@@ -14,7 +14,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "megatron-rl")
-TIMING = ("time/", "perf/", "mem/")  # measured, so different on every run
+# Measured, or placed by timing (async modes sync whenever the producer waits): not compared.
+TIMING = ("time/", "perf/", "mem/", "sync/")
 
 
 def write_recipe(path: Path, base: str = "tiny_cpu.yaml", **sections) -> Path:
