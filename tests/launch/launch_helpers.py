@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.conftest import sections
+from tests.trainer.conftest import build_tiny, sections
 from tests.trainer.helpers import CLI, ROOT, env, write_recipe
 
 __all__ = ["CLI", "ROOT", "cli", "tiny_model", "tiny_recipe"]
@@ -15,15 +15,8 @@ __all__ = ["CLI", "ROOT", "cli", "tiny_model", "tiny_recipe"]
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """A random tiny Qwen2, its tokenizer and arithmetic prompts (the trainer tests' sizes)."""
-    from megatron_rl.data.synthetic import write_arithmetic_parquet
-    from megatron_rl.demo.tiny import build_model, build_tokenizer
-
-    root = tmp_path_factory.mktemp("tiny_launch")
-    tok = build_tokenizer(root / "hf")
-    build_model(root / "hf", tok, seed=0, hidden=64, layers=2, heads=4, kv_heads=2, ffn=128)
-    write_arithmetic_parquet(root / "train.parquet", 48, seed=1)
-    return root
+    """A random tiny Qwen2, its tokenizer and arithmetic prompts (the trainer tests' own)."""
+    return build_tiny(tmp_path_factory.mktemp("tiny_launch"))
 
 
 def tiny_recipe(tiny: Path, run: Path, **over) -> Path:

@@ -9,10 +9,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def build_tiny(root: Path) -> Path:
+    """Into ``root``: hf/ (a random tiny Qwen2 and its tokenizer), train.parquet, eval.parquet."""
     from megatron_rl.data.synthetic import write_arithmetic_parquet
     from megatron_rl.demo.tiny import build_model, build_tokenizer
 
-    root = tmp_path_factory.mktemp("tiny")
     tok = build_tokenizer(root / "hf")
     build_model(root / "hf", tok, seed=0, hidden=64, layers=2, heads=4, kv_heads=2, ffn=128)
     write_arithmetic_parquet(root / "train.parquet", 48, seed=1)

@@ -41,6 +41,14 @@ def run(args: list[str], timeout: float = 600, cwd: Path = ROOT) -> subprocess.C
                           cwd=cwd)
 
 
+def run_patched(prelude: str, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """``megatron-rl ARGS`` in a Python that first runs ``prelude`` (monkeypatches a test needs
+    inside the CLI process)."""
+    script = prelude + "\nimport sys\nfrom megatron_rl.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env())
+
+
 def start(args: list[str], log: Path, cwd: Path = ROOT) -> subprocess.Popen:
     """Start in its own session (so a test can signal or kill the whole job)."""
     out = open(log, "w")

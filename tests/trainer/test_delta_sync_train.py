@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from tests.trainer.conftest import sections
-from tests.trainer.helpers import CLI, env, metrics, write_recipe
+from tests.trainer.helpers import CLI, env, metrics, run_patched, write_recipe
 
 pytestmark = pytest.mark.slow
 SEQS = [[5, 9, 14, 3, 27, 8, 2, 11], [40, 41, 42, 43, 44, 45, 46, 47]]
@@ -141,17 +141,11 @@ def test_corrupted_delta_is_refused_and_resent_in_full(tiny, tmp_path, pp):
 def test_single_sender_path_of_cuda_actors_still_syncs(tiny, tmp_path):
     """A CUDA actor keeps rank 0's single weight group (``sync_actor_weights``); here on CPU with
     ``stage_sync_enabled`` patched off, as on a GPU machine: every step's gate holds, each sync full."""
-    import sys
-
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", **sections(tiny, run_dir, train={"num_steps": 2},
                                                           checkpoint={"save_every": 2}))
-    script = ("import sys, megatron_rl.trainer.session as session\n"
-              "session.stage_sync_enabled = lambda cfg: False\n"
-              "from megatron_rl.cli.main import main\n"
-              "sys.exit(main(sys.argv[1:]))\n")
-    proc = subprocess.run([sys.executable, "-c", script, "train", str(recipe)], capture_output=True, text=True,
-                          timeout=300, env=env())
+    proc = run_patched("import megatron_rl.trainer.session as session\n"
+                       "session.stage_sync_enabled = lambda cfg: False", ["train", recipe])
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = metrics(run_dir, drop_timings=False)
     assert [r["step"] for r in rows] == [0, 1]

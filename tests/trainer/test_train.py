@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.trainer.conftest import sections
-from tests.trainer.helpers import env, metrics, one_paragraph, run, write_recipe
+from tests.trainer.helpers import metrics, one_paragraph, run, run_patched, write_recipe
 
 
 def test_train_writes_metrics_checkpoints_samples_and_hf_export(tiny, tmp_path):
@@ -96,9 +96,6 @@ def test_grader_failures_are_masked_and_counted_not_fatal(tiny, tmp_path):
 
 def test_broken_weight_mapping_trips_the_mismatch_gate_on_the_first_step(tiny, tmp_path):
     """A sync that sends one tensor wrong: the engine no longer serves the trainer's weights."""
-    import subprocess
-    import sys
-
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", **sections(tiny, run_dir))
     script = (  # the recipe's distributed transport fills ActorSync's flat buckets (weights/buckets.py)
@@ -110,11 +107,8 @@ def test_broken_weight_mapping_trips_the_mismatch_gate_on_the_first_step(tiny, t
         "    for e, t in zip(spec.entries, hf_views(flat, spec.dtype, spec.entries)):\n"
         "        if e.name == 'model.norm.weight':\n"
         "            t.mul_(1.5)\n"
-        "ss.fill_bucket = broken\n"
-        "from megatron_rl.cli.main import main\n"
-        "sys.exit(main(sys.argv[1:]))\n")
-    proc = subprocess.run([sys.executable, "-c", script, "train", str(recipe)], capture_output=True, text=True,
-                          timeout=300, env=env())
+        "ss.fill_bucket = broken\n")
+    proc = run_patched(script, ["train", recipe])
     assert proc.returncode == 2, proc.stderr[-3000:]
     msg = one_paragraph(proc.stderr)
     assert "Step 0" in msg and "weights in the engine are not the trainer's" in msg
