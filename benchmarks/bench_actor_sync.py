@@ -253,6 +253,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs per row; the best is kept")
     ap.add_argument("--servers", type=int, default=1, help="serve processes receiving the weights")
     ap.add_argument("--server-threads", type=int, default=1, help="torch threads per server (0 = torch default)")
+    ap.add_argument("--server-layout", choices=("transposed", "hf"), default="transposed",
+                    help="the servers' --weight-layout (hf writes bench_actor_sync_hf_layout.csv)")
     ap.add_argument("--lr", type=float, default=1e-6, help="Adam learning rate of the step before the delta sync")
     ap.add_argument("--skip-legacy", action="store_true", help="leave out the sync_actor_weights rows")
     ap.add_argument("--gen-batch", type=int, default=8)
@@ -276,23 +278,26 @@ def main() -> None:
         build_model(SHAPES[args.shape], torch.bfloat16, tmp / "served", seed=0)  # saved, then dropped
         cfg = RolloutConfig(num_servers=args.servers, base_port=0, health_timeout_s=600, request_timeout_s=3600)
         extra = ["--threads", str(args.server_threads)] if args.server_threads > 0 else []
+        extra += ["--weight-layout", args.server_layout]
         extra += ["--weight-shm-dir", shm_dir]
         with ServerManager(cfg, str(tmp / "served"), log_dir=tmp / "logs", extra_args=extra) as manager:
             print(f"actor (TP=2) -> {args.servers} server(s) ...", flush=True)
             rank0, rank1 = run_actor(manager.urls, tmp / "served", tmp, args)
             print("generation ...", flush=True)
             case = f"Qwen2 {args.shape} shape, {rank0['params'] / 1e6:.0f}M params"
-            gen = generation_rows(manager.urls, f"{case} (synced), fp32 server", (1, args.gen_batch),
+            gen = generation_rows(manager.urls, f"{case} (synced), fp32 server, {args.server_layout} layout",
+                                  (1, args.gen_batch),
                                   args.gen_prompt, args.gen_tokens)
             server_hwm = [vm_hwm_gb(s.process.pid) for s in manager.servers if s.process is not None]
-    rows = actor_rows(rank0, args.servers, case, args.lr)
+    rows = actor_rows(rank0, args.servers, f"{case}, {args.server_layout} server layout", args.lr)
     for r in gen:
         r.update(vs_memory_copy="", sent_of_full="", changed="")
     rows += gen
     for r in rows:
         r.update(seconds=round(r["seconds"], 3), throughput=round(r["throughput"], 2))
     hwm = [rank0["hwm_gb"], rank1["hwm_gb"], *server_hwm, vm_hwm_gb()]
-    write_table(rows, COLUMNS, CSV_PATH, server_threads=args.server_threads or "default",
+    csv_path = CSV_PATH if args.server_layout == "transposed" else CSV_PATH.with_name("bench_actor_sync_hf_layout.csv")
+    write_table(rows, COLUMNS, csv_path, server_threads=args.server_threads or "default",
                 peak_pss_total_gb=round(mem.peak_bytes / 1e9, 2))
     print(f"actor build (random init, per rank): {rank0['build_s']:.1f} s; Adam step before the delta rows "
           f"{rank0['step_s']:.1f} s")

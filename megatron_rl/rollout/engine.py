@@ -1,5 +1,9 @@
 """The embedded CPU engine: a ``transformers`` causal LM (fp32) with continuous batching.
 
+Its linear weights are stored column-major by default (``transposed_weights``, ``serve
+--weight-layout``; see ``layout``): same values and names, decode steps about 1.4x faster,
+weight loads slower (a transposing copy).
+
 One scheduler thread owns the model's forward passes; the HTTP layer (``http_server``) and
 the weight receivers run in other threads and only call the public methods here. Each
 scheduler step (``_iteration``):
@@ -62,6 +66,7 @@ from typing import Any
 import torch
 
 from megatron_rl.rollout.batching import Prefill, Rows, merge, mergeable
+from megatron_rl.rollout.layout import TransposingCopier, to_decode_layout
 from megatron_rl.rollout.sampling import BadRequest, RequestParams, sample_rows, seeded_uniform
 
 log = logging.getLogger(__name__)
@@ -108,7 +113,7 @@ class EmbeddedEngine:
 
     def __init__(self, model_path: str, *, max_batch_size: int = 64, seed: int | None = None,
                  batch_wait_s: float = 0.005, original_logprobs: bool = False, deterministic: bool = False,
-                 chunked_prefill_size: int = 512):
+                 chunked_prefill_size: int = 512, transposed_weights: bool = True):
         from transformers import AutoModelForCausalLM
 
         if max_batch_size < 1 or chunked_prefill_size < 1:
@@ -122,6 +127,9 @@ class EmbeddedEngine:
         self.vocab_size = int(cfg.vocab_size)
         self.context_len = int(getattr(cfg, "max_position_embeddings", 32768))
         self.eos_ids = _eos_ids(self.model)
+        # Linear weights column-major: decode steps read them about 1.4x faster (see ``layout``).
+        self.transposed = to_decode_layout(self.model) if transposed_weights else []
+        self._copier = TransposingCopier()
         # state_dict tensors share storage with the parameters (tied names share one tensor),
         # so copying into them updates the model in place.
         self._targets = self.model.state_dict()
@@ -239,7 +247,7 @@ class EmbeddedEngine:
             with self._model_lock, torch.no_grad():
                 for name, tensor in named_tensors:
                     target = self._target(name, tuple(tensor.shape), len(loaded))
-                    target.copy_(tensor)  # copy_ casts (bf16 -> fp32) without a temporary
+                    self._copier.copy_into(target, tensor)  # casts (bf16 -> fp32); transposes if stored so
                     loaded.append(name)
         finally:
             if self._unverified:
@@ -285,13 +293,19 @@ class EmbeddedEngine:
                              "and take a full update before any delta.")
         with self._model_lock, torch.no_grad():
             targets = [self._target(n, tuple(s), i) for i, (n, s) in enumerate(zip(names, shapes))]
+            # A delta addresses elements in the wire's row-major order: transposed weights take
+            # it on a row-major copy, written back after.
+            flat_targets = [t.contiguous() for t in targets]
             try:
-                bad = D.apply(targets, torch_dtypes[0], header, flat)
+                bad = D.apply(flat_targets, torch_dtypes[0], header, flat)
             except ValueError as e:
                 bad = list(range(len(names)))  # possibly half applied: nothing in the bucket is trusted
                 reason = f"malformed payload ({e})"
             else:
                 reason = f"{len(bad)} tensor(s) differ from the sender's after the {header.encoding} delta"
+                for target, applied in zip(targets, flat_targets):
+                    if applied is not target:
+                        self._copier.copy_into(target, applied)
         if bad:
             self._unverified = self._unverified.union(names[i] for i in bad)
             raise BadRequest(f"{D.MISMATCH_MARKER}: {reason}, e.g. {[names[i] for i in bad[:3]]}. They now hold "

@@ -154,10 +154,14 @@ def sample_rows(
     Every step is row-wise, so a row's result depends on its own logits and number only.
     """
     logits_BV = logits_BV.float()
-    temps_B1 = torch.tensor([p.temperature for p in params], dtype=torch.float32).unsqueeze(1)
-    logp_BV = torch.log_softmax(logits_BV / temps_B1, dim=-1)
-    raw_logp_BV = torch.log_softmax(logits_BV, dim=-1) if original_logprobs else logp_BV
-    greedy_B = logits_BV.argmax(dim=-1)
+    temps = [p.temperature for p in params]
+    # The division and the argmax cost a pass over B x V each (~0.4 ms for 8 x 32000): only when needed.
+    tempered_BV = logits_BV if all(t == 1.0 for t in temps) else \
+        logits_BV / torch.tensor(temps, dtype=torch.float32).unsqueeze(1)
+    logp_BV = torch.log_softmax(tempered_BV, dim=-1)
+    raw_logp_BV = torch.log_softmax(logits_BV, dim=-1) if original_logprobs and tempered_BV is not logits_BV \
+        else logp_BV
+    greedy_B = logits_BV.argmax(dim=-1) if any(p.greedy for p in params) else None
     tokens = [int(greedy_B[row]) if p.greedy else _draw(logp_BV[row].exp(), p, u)
               for row, (p, u) in enumerate(zip(params, uniforms))]
     index_B = torch.tensor(tokens, dtype=torch.long)

@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "else is batched (each runs unbatched: slower under concurrency)")
     p.add_argument("--return-original-logprob", action="store_true",
                    help="log-probs of the untempered distribution (SGLANG_RETURN_ORIGINAL_LOGPROB=1)")
+    p.add_argument("--weight-layout", choices=("transposed", "hf"), default="transposed",
+                   help="memory order of linear weights: transposed (column-major: faster decoding, slower "
+                        "weight loads) or hf (as stored by Hugging Face); values and names are the same")
     p.add_argument("--weight-shm-dir", default=None,
                    help="directory (e.g. under /dev/shm) whose files /update_weights_from_tensor may name with "
                         "load_format shared_memory (colocated weight sync); unset = that format is refused")
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     engine = EmbeddedEngine(args.model, max_batch_size=args.max_batch_size, seed=args.seed,
                             original_logprobs=args.return_original_logprob, deterministic=args.deterministic,
-                            chunked_prefill_size=args.chunked_prefill_size)
+                            chunked_prefill_size=args.chunked_prefill_size,
+                            transposed_weights=args.weight_layout == "transposed")
     engine.weight_shm_dir = args.weight_shm_dir
     logging.getLogger(__name__).info("serving %s on http://%s:%d (deterministic=%s)", args.model, args.host,
                                      args.port, args.deterministic)
