@@ -93,7 +93,14 @@ def test_tp2_dp2_trains_from_parquet_with_the_math_grader(tiny, tmp_path):
 
 
 def _servers(job) -> list[psutil.Process]:
-    return [p for p in psutil.Process(job.pid).children(recursive=True) if "serve" in p.cmdline()]
+    """The job's live server processes (a killed one not yet reaped is a zombie: gone, skipped)."""
+    def cmdline(p: psutil.Process) -> list[str]:
+        try:
+            return p.cmdline()
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            return []
+
+    return [p for p in psutil.Process(job.pid).children(recursive=True) if "serve" in cmdline(p)]
 
 
 def test_a_server_killed_mid_run_loses_nothing_and_none_left_stops_cleanly(tiny, tmp_path):
