@@ -11,8 +11,8 @@ included) over steps 2..N (start-up and the first step, which fills the pipeline
 with the sync mode's as the reference measured in the same run, interleaved (sync,
 one_step_off, async, sync, ...) so that the machine's load hits all modes.
 
-Both with the demo's `rollout.deterministic: true` (each seeded request decoded alone: exact
-resume, slow generation) and without it (batched decoding). Overlap needs spare cores: here the trainer and the rollout server share 2 cores, so one
+Both with the demo's `rollout.deterministic: true` (exact resume: seeded requests prefilled one
+by one, then decoded in a batch-invariant batch) and without it (ordinary continuous batching). Overlap needs spare cores: here the trainer and the rollout server share 2 cores, so one
 waits for the other more than on a GPU node where they hold separate devices.
 
 Prints a table and writes benchmarks/results/bench_async.csv.

@@ -18,6 +18,11 @@ concurrency c, the same c prompts (16-48 random tokens) get 64 sampled tokens ea
   c x copy-bandwidth / weight-bytes tokens/s (with a 260 MB L3 the weights may partly stay in
   cache, and at larger c the step becomes compute-bound: ratios above 1 are possible).
 
+Deterministic mode (``--deterministic-at``, default 8 concurrent): the same seeded requests
+on a ``--deterministic`` engine, whose seeded rows decode in one batch-invariant batch
+(``rollout/rowwise.py``), and on one with ``--weight-layout hf``, which falls back to one
+forward per job per step (what deterministic mode did before).
+
 A ``mixed`` workload shows what continuous batching is for: 32 requests whose lengths differ
 (16..128 new tokens), 8 in flight at a time (the engine refills a slot as soon as a request
 ends; ``generate`` runs 4 batches of 8, each as long as its longest request).
@@ -76,7 +81,8 @@ def copy_gbps(nbytes: int) -> float:
 
 def run_engine(engine, batch: list[list[int]], lengths: list[int], in_flight: int) -> tuple[int, float]:
     """Completion tokens and wall seconds; at most ``in_flight`` requests at a time (a slot is
-    refilled from the job's done callback, as a client with that concurrency would)."""
+    refilled from the job's done callback, as a client with that concurrency would). Every
+    request carries a ``sampling_seed`` (read by deterministic engines only)."""
     from megatron_rl.rollout.sampling import parse_sampling_params
 
     slots = threading.Semaphore(in_flight)
@@ -84,8 +90,8 @@ def run_engine(engine, batch: list[list[int]], lengths: list[int], in_flight: in
     start = time.perf_counter()
     for i, (prompt, n) in enumerate(zip(batch, lengths)):
         slots.acquire()
-        params = parse_sampling_params({"temperature": 1.0, "max_new_tokens": n, "ignore_eos": True},
-                                       engine.vocab_size)
+        params = parse_sampling_params({"temperature": 1.0, "max_new_tokens": n, "ignore_eos": True,
+                                        "sampling_seed": i}, engine.vocab_size)
         (future,) = engine.submit(prompt, params, rid=f"r{i}", return_logprob=True)
         future.add_done_callback(lambda _: slots.release())
         futures.append(future)
@@ -116,22 +122,30 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--threads", type=int, default=1, help="torch threads, for both sides")
     ap.add_argument("--no-mixed", action="store_true", help="skip the mixed-length workload")
+    ap.add_argument("--deterministic-at", type=int, nargs="*", default=[8],
+                    help="concurrencies that also run on two --deterministic engines (batched seeded rows, and "
+                         "--weight-layout hf: one row per job)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from megatron_rl.rollout.engine import EmbeddedEngine
 
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         model = build(pathlib.Path(tmp))
-        engine = EmbeddedEngine(tmp, seed=0, max_batch_size=64)
+        engines = {"engine": EmbeddedEngine(tmp, seed=0, max_batch_size=64)}
+        if args.deterministic_at:
+            engines["engine --deterministic"] = EmbeddedEngine(tmp, seed=0, max_batch_size=64, deterministic=True)
+            engines["engine --deterministic, hf layout: one row per job"] = EmbeddedEngine(
+                tmp, seed=0, max_batch_size=64, deterministic=True, transposed_weights=False)
         try:
-            rows = measure(args, model, engine)
+            rows = measure(args, model, engines)
         finally:
-            engine.shutdown()
+            for engine in engines.values():
+                engine.shutdown()
     write_table(rows, ["workload", "system", "tokens_per_s", "spread", "vs_generate", "vs_roofline"], CSV_PATH,
                 threads=args.threads, model="Qwen2 h512 L8 ffn1536 V32000 fp32 (40.5M)")
 
 
-def measure(args, model, engine) -> list[dict]:
+def measure(args, model, engines: dict) -> list[dict]:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     workloads = [(f"{c} concurrent x {NEW_TOKENS} tokens", prompts(c, seed=c), [NEW_TOKENS] * c, c)
                  for c in args.concurrency]
@@ -139,14 +153,18 @@ def measure(args, model, engine) -> list[dict]:
         g = torch.Generator().manual_seed(1)
         workloads.append(("mixed: 32 requests, 16-128 tokens, 8 in flight", prompts(32, seed=99),
                           torch.randint(16, 129, (32,), generator=g).tolist(), 8))
-    run_engine(engine, *workloads[0][1:])  # warm-up of both sides, untimed
+    for engine in engines.values():  # warm-up of every side, untimed
+        run_engine(engine, *workloads[0][1:])
     run_generate(model, *workloads[0][1:])
     results: dict[tuple[str, str], list[float]] = {}
     for r in range(args.rounds):
         bandwidth = copy_gbps(weight_bytes)
         results.setdefault(("memory copy", "GB/s"), []).append(bandwidth)
         for name, batch, lengths, in_flight in workloads:
-            for system, fn, target in (("generate", run_generate, model), ("engine", run_engine, engine)):
+            systems = [("generate", run_generate, model), ("engine", run_engine, engines["engine"])]
+            systems += [(name_, run_engine, e) for name_, e in engines.items() if name_ != "engine"
+                        and in_flight in args.deterministic_at and not name.startswith("mixed")]
+            for system, fn, target in systems:
                 tokens, secs = fn(target, batch, lengths, in_flight)
                 results.setdefault((name, system), []).append(tokens / secs)
             roofline = in_flight * bandwidth * 1e9 / weight_bytes
@@ -157,7 +175,7 @@ def measure(args, model, engine) -> list[dict]:
         row = dict(workload=name, system=system, tokens_per_s=round(statistics.median(values), 1),
                    spread=f"{min(values):.1f}-{max(values):.1f}", vs_generate="", vs_roofline="")
         for col, ref in (("vs_generate", "generate"), ("vs_roofline", "roofline")):
-            if system in ("engine", "generate") and system != ref:
+            if system != ref and system not in ("roofline", "memory copy", "GB/s"):
                 # per round (the two ran back to back), then the median and the spread over rounds
                 ratios = [v / r for v, r in zip(values, results[(name, ref)])]
                 row[col] = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"

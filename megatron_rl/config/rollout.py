@@ -77,7 +77,8 @@ class RolloutConfig:
     colocated job: `colocate: true` may then release and resume their memory."""
     deterministic: bool = False
     """Results depend only on each request's seed, never on batching (embedded: `--deterministic`;
-    SGLang: `--enable-deterministic-inference`). Needed for bit-exact resume; costs speed."""
+    SGLang: `--enable-deterministic-inference`). Needed for bit-exact resume; costs some speed (the
+    embedded engine decodes seeded requests in a batch-invariant batch: one SDPA call per row)."""
     max_abort_retries: int = 2
     """A sample that comes back aborted (server paused or restarted mid-request) is re-requested
     this many times with the same seed; then its whole group is dropped, never graded."""

@@ -24,13 +24,15 @@ Models whose cache is not plain full attention (sliding window, ...) cannot merg
 newcomers then wait until the running batch is empty (static batches).
 
 Deterministic mode (``deterministic=True``, ``--deterministic``): each seeded job is prefilled
-(in the same fixed chunks from position 0) and decoded in forwards of its own (one row, no
-padding), interleaved step by step with the shared batch, because CPU matmuls round
-differently with the number of rows and attention with the padded width (measured: a
-prompt's logits alone and in any batch, even of 8 copies of itself, differ in the last bits).
-With the counter-based draw of ``sampling``, its tokens and log-probs are then a function of
-the request, the weights, ``chunked_prefill_size`` and the torch build only. Unseeded jobs
-share the batch.
+on its own (in the same fixed chunks from position 0), because CPU matmuls round differently
+with the number of rows and attention with the padded width (measured: a prompt's logits
+alone and in any batch, even of 8 copies of itself, differ in the last bits). Its decode
+steps then run in one batch with the other seeded jobs, made batch-invariant by ``rowwise``
+(column-major weights, lone rows padded to two, attention row by row over each row's own
+columns); with ``--weight-layout hf`` or caches that cannot merge, each seeded job decodes in
+forwards of its own (one row). Unseeded jobs share the ordinary batch. With the
+counter-based draw of ``sampling``, a seeded job's tokens and log-probs are a function of the
+request, the weights, ``chunked_prefill_size``, the layout and the torch build only.
 
 Pauses and weight updates (partial rollouts): ``pause("in_place")`` freezes every job between
 two forwards: each forward checks the flag under the model lock, and weight loads take the
@@ -53,6 +55,7 @@ Legend: B = rows, L = padded prompt length, T = cache width, V = vocabulary.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import threading
 import time
@@ -65,6 +68,7 @@ from typing import Any
 
 import torch
 
+from megatron_rl.rollout import rowwise
 from megatron_rl.rollout.batching import Prefill, Rows, merge, mergeable
 from megatron_rl.rollout.layout import TransposingCopier, to_decode_layout
 from megatron_rl.rollout.sampling import BadRequest, RequestParams, sample_rows, seeded_uniform
@@ -130,6 +134,12 @@ class EmbeddedEngine:
         # Linear weights column-major: decode steps read them about 1.4x faster (see ``layout``).
         self.transposed = to_decode_layout(self.model) if transposed_weights else []
         self._copier = TransposingCopier()
+        # Deterministic mode decodes its seeded rows together when that is batch-invariant:
+        # column-major weights and caches that merge (see ``rowwise``); else each row alone.
+        self._rowwise = deterministic and bool(self.transposed) and mergeable(self.model.config)
+        if self._rowwise:
+            rowwise.pad_single_rows(self.model)
+            self.model.set_attn_implementation(rowwise.register())
         # state_dict tensors share storage with the parameters (tied names share one tensor),
         # so copying into them updates the model in place.
         self._targets = self.model.state_dict()
@@ -577,7 +587,9 @@ class EmbeddedEngine:
         self._sample(rows, logits_BV, pre.version)
         if not rows.jobs:
             return
-        if pre.solo:
+        if pre.solo and self._rowwise and self._solos:
+            self._solos[0] = merge(self._solos[0], rows)
+        elif pre.solo:
             self._solos.append(rows)
         else:
             self._batch = rows if self._batch is None else merge(self._batch, rows)
@@ -586,8 +598,10 @@ class EmbeddedEngine:
         """One forward and one new token for every row of the shared batch and of each solo job."""
         for rows in [*([self._batch] if self._batch else []), *self._solos]:
             mask_BT = torch.cat([rows.mask_BT, torch.ones(len(rows.jobs), 1, dtype=rows.mask_BT.dtype)], dim=1)
-            done = self._forward(input_ids=rows.next_B1, attention_mask=mask_BT, position_ids=rows.pos_B1,
-                                 past_key_values=rows.cache, use_cache=True)
+            seeded = self._rowwise and rows is not self._batch
+            with rowwise.rows_of(mask_BT.sum(dim=1).tolist()) if seeded else contextlib.nullcontext():
+                done = self._forward(input_ids=rows.next_B1, attention_mask=mask_BT, position_ids=rows.pos_B1,
+                                     past_key_values=rows.cache, use_cache=True)
             if done is None:
                 break
             out, version = done

@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--deterministic", "--enable-deterministic-inference", dest="deterministic",
                    action="store_true",
                    help="requests with sampling_seed give bit-identical tokens and log-probs whatever "
-                        "else is batched (each runs unbatched: slower under concurrency)")
+                        "else is batched (seeded requests decode in a batch-invariant batch; with "
+                        "--weight-layout hf each runs unbatched)")
     p.add_argument("--return-original-logprob", action="store_true",
                    help="log-probs of the untempered distribution (SGLANG_RETURN_ORIGINAL_LOGPROB=1)")
     p.add_argument("--weight-layout", choices=("transposed", "hf"), default="transposed",

@@ -31,15 +31,17 @@ OTHERS = [  # 7 requests of other lengths and kinds: seeded, unseeded, greedy, t
 WAIT = 120
 
 
-@pytest.fixture(scope="module")
-def det_engine(tiny_model_dir):
+@pytest.fixture(scope="module", params=["transposed", "hf"])
+def det_engine(tiny_model_dir, request):
+    """Both weight layouts: seeded rows decode together (transposed) or one by one (hf)."""
     import torch
 
     from megatron_rl.rollout.engine import EmbeddedEngine
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many one-row forwards: 2-thread regions crawl on a shared CPU
-    eng = EmbeddedEngine(str(tiny_model_dir), seed=0, batch_wait_s=0.05, deterministic=True)
+    torch.set_num_threads(1)  # many small forwards: 2-thread regions crawl on a shared CPU
+    eng = EmbeddedEngine(str(tiny_model_dir), seed=0, batch_wait_s=0.05, deterministic=True,
+                         transposed_weights=request.param == "transposed")
     try:
         yield eng
     finally:
@@ -78,6 +80,26 @@ def test_seeded_request_is_bit_identical_alone_and_amid_other_requests(det_engin
     later = [submit(det_engine, p, s, f"later{i}") for i, (p, s) in enumerate(OTHERS[3:])]
     assert result(submit(det_engine, *MINE, "late-mine"))[0] == alone
     [result(f) for f in running + later]
+
+
+def test_seeded_rows_decode_in_one_batch_with_the_transposed_layout(det_engine):
+    """The speed half of the contract: seeded jobs share decode forwards (``rowwise``), not one each."""
+    seen: list[tuple[int, int]] = []  # (seeded row groups, rows in the largest), read in the scheduler thread
+
+    def hook(job, token, logprob):
+        seen.append((len(det_engine._solos), max((len(r.jobs) for r in det_engine._solos), default=0)))
+
+    seeded = [(p, s) for p, s in [MINE, *OTHERS] if "sampling_seed" in s]
+    futures = []
+    for i, (prompt, sampling) in enumerate(seeded):
+        params = parse_sampling_params({"ignore_eos": True, **sampling}, det_engine.vocab_size)
+        futures += det_engine.submit(prompt, params, rid=f"hook{i}", on_token=hook)
+    [f.result(timeout=WAIT) for f in futures]
+    groups, widest = max(g for g, _ in seen), max(w for _, w in seen)
+    if det_engine.transposed:
+        assert groups == 1 and widest == len(seeded)
+    else:
+        assert groups == len(seeded) and widest == 1
 
 
 def test_n_copies_of_a_seeded_request_are_identical_and_equal_to_n_1(det_engine):
