@@ -11,7 +11,7 @@ One row (a matrix-vector product) is as fast either way.
 The module's ``weight`` keeps its logical shape ``[out, in]``, so the model's code, the
 parameter names and every reader see the same values; only the memory order changes. The
 price is paid at weight loads: a transposing copy instead of a straight one
-(``copy_into``: the transpose in the wire dtype, then the cast, the faster order measured).
+(``copy_into``: block by block, the transpose in the wire dtype, then the cast).
 Tied input/output embeddings are one tensor: transposed with the LM head (the largest matrix
 of a small model), the embedding lookup reads strided rows, a few per decode step.
 """
@@ -45,7 +45,10 @@ def to_decode_layout(model: torch.nn.Module) -> list[str]:
 
 
 class TransposingCopier:
-    """Copies wire tensors into engine weights of either layout; keeps one scratch buffer."""
+    """Copies wire tensors into engine weights of either layout; keeps one small scratch buffer."""
+
+    BLOCK_ROWS = 256
+    """Source rows transposed at a time: the block stays in cache between its two passes."""
 
     def __init__(self) -> None:
         self._scratch: torch.Tensor | None = None
@@ -54,8 +57,11 @@ class TransposingCopier:
         """``target.copy_(src)`` (values cast to ``target``'s dtype), fast for transposed targets.
 
         A straight ``copy_`` into a transposed target walks one side with a stride, element by
-        element (1.2 GB/s of bf16 measured); transposing in the source dtype first (torch's
-        blocked 2-D transpose) and then casting contiguous memory measured 2.1 GB/s."""
+        element (1.2 GB/s of bf16 measured). Here blocks of ``BLOCK_ROWS`` source rows are
+        transposed in the source dtype (torch's blocked 2-D transpose) into a scratch buffer,
+        then cast into the target's rows (contiguous runs): 1.5 GB/s on Qwen2-0.5B's 136M-element
+        embedding, 0.84 GB/s when the whole tensor was transposed first (2.0-2.4 GB/s either way
+        for its 4.4M-element MLP matrices)."""
         if not is_transposed(target) or src.dim() != 2:
             target.copy_(src)
             return
@@ -63,13 +69,12 @@ class TransposingCopier:
         if src.dtype == target.dtype:
             storage.copy_(src.t())
             return
-        n = src.numel()
-        if self._scratch is None or self._scratch.dtype != src.dtype or self._scratch.numel() < n:
-            self._scratch = None  # the old one goes before the new one is made
-            self._scratch = torch.empty(n, dtype=src.dtype)
-        tmp = self._scratch[:n].view(storage.shape)
-        tmp.copy_(src.t())
-        storage.copy_(tmp)
-
-    def release(self) -> None:
-        self._scratch = None
+        rows, cols = src.shape
+        block = min(rows, self.BLOCK_ROWS)
+        if self._scratch is None or self._scratch.dtype != src.dtype or self._scratch.numel() < cols * block:
+            self._scratch = torch.empty(cols * block, dtype=src.dtype)
+        for start in range(0, rows, block):
+            end = min(rows, start + block)
+            tmp = self._scratch[:cols * (end - start)].view(cols, end - start)
+            tmp.copy_(src[start:end].t())
+            storage[:, start:end].copy_(tmp)

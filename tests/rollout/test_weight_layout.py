@@ -34,10 +34,11 @@ def test_decode_layout_keeps_values_names_and_ties(tiny_model_dir):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_transposing_copy_is_exact_for_both_layouts(dtype):
-    src = torch.randn(37, 53).to(dtype)
+@pytest.mark.parametrize("rows,cols", [(37, 53), (2 * TransposingCopier.BLOCK_ROWS + 88, 24)])
+def test_transposing_copy_is_exact_for_both_layouts(dtype, rows, cols):
+    src = torch.randn(rows, cols).to(dtype)  # the second shape spans three blocks, the last one short
     copier = TransposingCopier()
-    transposed, plain = torch.empty(53, 37).t(), torch.empty(37, 53)
+    transposed, plain = torch.empty(cols, rows).t(), torch.empty(rows, cols)
     assert is_transposed(transposed) and not is_transposed(plain)
     for target in (transposed, plain):
         copier.copy_into(target, src)
