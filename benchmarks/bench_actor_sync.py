@@ -51,7 +51,7 @@ from bench_rollout import SHAPES, build_model, generation_rows, memcopy_seconds 
 from megatron_rl.weights.sync import free_port, iter_buckets  # noqa: E402
 
 CSV_PATH = ROOT / "benchmarks" / "results" / "bench_actor_sync.csv"
-BUCKET_BYTES = 512 << 20
+BUCKET_MB = 512  # rollout.bucket_size_mb's default
 
 
 def vm_hwm_gb(pid: int | str = "self") -> float:
@@ -114,11 +114,11 @@ class TreeMemory:
 
 # ---------------------------------------------------------------- torchrun worker (both ranks)
 
-def memcopy_by_bucket(source, repeats: int) -> dict:
+def memcopy_by_bucket(source, repeats: int, bucket_bytes: int) -> dict:
     """The bytes the sync sends, copied within this process bucket by bucket (one bucket and its
     copy in memory at a time, as in the sync, rather than two copies of the whole model)."""
     out = dict(bytes=0, params=0, memcopy_s=0.0)
-    for bucket in iter_buckets(((n, t.contiguous()) for n, t in source), BUCKET_BYTES):
+    for bucket in iter_buckets(((n, t.contiguous()) for n, t in source), bucket_bytes):
         out["bytes"] += sum(t.numel() * t.element_size() for _, t in bucket)
         out["params"] += sum(t.numel() for _, t in bucket)
         out["memcopy_s"] += memcopy_seconds(bucket, repeats)
@@ -160,7 +160,7 @@ async def worker(args) -> None:
     out["export_s"] = best_of(lambda: [None for _ in export_hf(model, dims, topo, all_stages=True)])
     source = export_hf(model, dims, topo, all_stages=True)
     if rank0:
-        out.update(memcopy_by_bucket(source, args.repeats))
+        out.update(memcopy_by_bucket(source, args.repeats, args.bucket_mb << 20))
     else:
         for _ in source:  # this rank's part of the gathers
             pass
@@ -168,7 +168,7 @@ async def worker(args) -> None:
     if not args.skip_legacy:
         sender = await connect_actor_sender(topo, client, timeout_s=1800)
         for label, flattened in (("per tensor", False), ("flattened_bucket", True)):
-            reports = [await sync_actor_weights(model, dims, topo, client, sender=sender, bucket_bytes=BUCKET_BYTES,
+            reports = [await sync_actor_weights(model, dims, topo, client, sender=sender, bucket_bytes=args.bucket_mb << 20,
                                                 flattened=flattened, weight_version=f"{label}-{r}")
                        for r in range(args.repeats)]
             if rank0:
@@ -193,7 +193,7 @@ async def stage_sync_rows(actor, topo, client, args) -> dict:
     model, dims, out = actor.model[0], actor.dims, {}
 
     def options(transport: str, delta: bool) -> SyncOptions:
-        return SyncOptions(transport=transport, bucket_bytes=BUCKET_BYTES, delta=delta, full_every=0,
+        return SyncOptions(transport=transport, bucket_bytes=args.bucket_mb << 20, delta=delta, full_every=0,
                            shm_dir=args.shm_dir, group_name=f"bench-{uuid.uuid4().hex[:6]}", timeout_s=1800)
 
     def keep(label: str, report) -> None:
@@ -239,7 +239,8 @@ def run_actor(urls: list[str], model_dir: pathlib.Path, out: pathlib.Path, args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", __file__, "--worker", "--urls", ",".join(urls),
            "--model-dir", str(model_dir), "--out", str(out), "--repeats", str(args.repeats), "--lr", str(args.lr),
-           "--shm-dir", args.shm_dir, *(["--skip-legacy"] if args.skip_legacy else [])]
+           "--shm-dir", args.shm_dir, "--bucket-mb", str(args.bucket_mb),
+           *(["--skip-legacy"] if args.skip_legacy else [])]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'benchmarks'}", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
@@ -253,6 +254,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs per row; the best is kept")
     ap.add_argument("--servers", type=int, default=1, help="serve processes receiving the weights")
     ap.add_argument("--server-threads", type=int, default=1, help="torch threads per server (0 = torch default)")
+    ap.add_argument("--bucket-mb", type=int, default=BUCKET_MB, help="sync bucket size in MiB (rollout.bucket_size_mb)")
     ap.add_argument("--server-layout", choices=("transposed", "hf"), default="transposed",
                     help="the servers' --weight-layout (hf writes bench_actor_sync_hf_layout.csv)")
     ap.add_argument("--lr", type=float, default=1e-6, help="Adam learning rate of the step before the delta sync")
@@ -339,7 +341,10 @@ def actor_rows(rank0: dict, servers: int, case: str, lr: float) -> list[dict]:
         rep = rank0[key]
         assert rep["full_bytes"] == nbytes, (key, rep["full_bytes"], nbytes)
         changed = f"{rep['changed'] / rep['elements']:.3%}" if rep["elements"] else ""
-        rows.append(row(f"{title} ({rep['buckets']} buckets)", rep["seconds"],
+        # fill: the leader's fill thread (TP shards into the buckets); send: the transmits, the
+        # servers' load included. They overlap, so each is a share of the wall time, not a part.
+        rows.append(row(f"{title} ({rep['buckets']} buckets; fill {rep['fill_s']:.2f} s, send+load "
+                        f"{rep['send_s']:.2f} s)", rep["seconds"],
                         f"{rep['sent_bytes'] / rep['full_bytes']:.2%}", changed))
     return rows
 
