@@ -138,8 +138,14 @@ class EmbeddedEngine:
         # column-major weights and caches that merge (see ``rowwise``); else each row alone.
         self._rowwise = deterministic and bool(self.transposed) and mergeable(self.model.config)
         if self._rowwise:
-            rowwise.pad_single_rows(self.model)
-            self.model.set_attn_implementation(rowwise.register())
+            try:
+                self.model.set_attn_implementation(rowwise.register())
+            except (ValueError, NotImplementedError) as e:  # an architecture without pluggable attention
+                log.warning("deterministic mode: %s cannot take row-wise attention (%s); seeded requests "
+                            "decode one row per forward", type(self.model).__name__, e)
+                self._rowwise = False
+            else:
+                rowwise.pad_single_rows(self.model)
         # state_dict tensors share storage with the parameters (tied names share one tensor),
         # so copying into them updates the model in place.
         self._targets = self.model.state_dict()

@@ -170,3 +170,25 @@ def test_seeded_long_prompt_fed_in_chunks_is_bit_identical_amid_others(tiny_mode
     finally:
         eng.shutdown()
         torch.set_num_threads(threads)
+
+
+def test_a_model_without_pluggable_attention_falls_back_to_one_row_per_job(tiny_model_dir, monkeypatch, caplog):
+    import torch
+    from transformers import PreTrainedModel
+
+    from megatron_rl.rollout.engine import EmbeddedEngine
+
+    def refuse(self, name):
+        raise ValueError(f"{type(self).__name__} does not support {name}")
+
+    monkeypatch.setattr(PreTrainedModel, "set_attn_implementation", refuse)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    eng = EmbeddedEngine(str(tiny_model_dir), seed=0, batch_wait_s=0.05, deterministic=True)
+    try:
+        assert not eng._rowwise and "one row per forward" in caplog.text
+        (alone,) = result(submit(eng, *MINE, "alone"))
+        assert amid_others(eng, 0) == alone
+    finally:
+        eng.shutdown()
+        torch.set_num_threads(threads)
