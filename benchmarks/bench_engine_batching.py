@@ -175,7 +175,7 @@ def measure(args, model, engines: dict) -> list[dict]:
         row = dict(workload=name, system=system, tokens_per_s=round(statistics.median(values), 1),
                    spread=f"{min(values):.1f}-{max(values):.1f}", vs_generate="", vs_roofline="")
         for col, ref in (("vs_generate", "generate"), ("vs_roofline", "roofline")):
-            if system != ref and system not in ("roofline", "memory copy", "GB/s"):
+            if system != ref and system not in ("roofline", "GB/s"):
                 # per round (the two ran back to back), then the median and the spread over rounds
                 ratios = [v / r for v, r in zip(values, results[(name, ref)])]
                 row[col] = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"

@@ -34,9 +34,9 @@ def to_decode_layout(model: torch.nn.Module) -> list[str]:
     seen: set[int] = set()
     with torch.no_grad():
         for name, module in model.named_modules():
-            weight = getattr(module, "weight", None)
-            if not isinstance(module, torch.nn.Linear) or weight is None or weight.dim() != 2:
+            if not isinstance(module, torch.nn.Linear):
                 continue
+            weight = module.weight
             if id(weight) not in seen and not is_transposed(weight.data):
                 weight.data = weight.data.t().contiguous().t()
             seen.add(id(weight))

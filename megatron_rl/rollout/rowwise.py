@@ -90,9 +90,8 @@ def rowwise_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 def pad_single_rows(model: torch.nn.Module) -> None:
     """Make every ``nn.Linear`` of ``model`` compute a lone row as the first of two (see module doc)."""
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and not getattr(module, "_mrl_padded", False):
+        if isinstance(module, torch.nn.Linear) and getattr(module.forward, "__func__", None) is not _padded_forward:
             module.forward = _padded_forward.__get__(module)  # type: ignore[method-assign]
-            module._mrl_padded = True
 
 
 def _padded_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

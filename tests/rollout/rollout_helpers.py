@@ -15,6 +15,20 @@ TINY = dict(vocab=1000, layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, tie=T
 """Keyword arguments of tests/helpers/tiny_models.make_tiny_hf for the rollout tests' Qwen2."""
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread inside the block (the engine's many small forwards crawl in 2-thread
+    regions on a shared CPU; the bitwise checks were measured there), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

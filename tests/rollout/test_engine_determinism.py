@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+from rollout_helpers import one_torch_thread
 
 from megatron_rl.config.rollout import RolloutConfig
 from megatron_rl.rollout.client import RolloutClient
@@ -34,19 +35,15 @@ WAIT = 120
 @pytest.fixture(scope="module", params=["transposed", "hf"])
 def det_engine(tiny_model_dir, request):
     """Both weight layouts: seeded rows decode together (transposed) or one by one (hf)."""
-    import torch
-
     from megatron_rl.rollout.engine import EmbeddedEngine
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small forwards: 2-thread regions crawl on a shared CPU
-    eng = EmbeddedEngine(str(tiny_model_dir), seed=0, batch_wait_s=0.05, deterministic=True,
-                         transposed_weights=request.param == "transposed")
-    try:
-        yield eng
-    finally:
-        eng.shutdown()
-        torch.set_num_threads(threads)
+    with one_torch_thread():
+        eng = EmbeddedEngine(str(tiny_model_dir), seed=0, batch_wait_s=0.05, deterministic=True,
+                             transposed_weights=request.param == "transposed")
+        try:
+            yield eng
+        finally:
+            eng.shutdown()
 
 
 def submit(engine, prompt, sampling, rid):
@@ -153,27 +150,23 @@ def test_seeded_request_survives_a_server_restart(tiny_model_dir, tmp_path):
 def test_seeded_long_prompt_fed_in_chunks_is_bit_identical_amid_others(tiny_model_dir):
     """Chunked prefill: a seeded prompt longer than a chunk is fed in the same chunks from position 0
     whatever else waits or runs, so its bits do not change either."""
-    import torch
-
     from megatron_rl.rollout.engine import EmbeddedEngine
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    eng = EmbeddedEngine(str(tiny_model_dir), seed=0, batch_wait_s=0.05, deterministic=True, chunked_prefill_size=6)
-    try:
-        long_mine = (list(range(300, 323)), MINE[1])
-        (alone,) = result(submit(eng, *long_mine, "alone"))
-        crowd = [submit(eng, p, s, f"c{i}") for i, (p, s) in enumerate(OTHERS[:4])]
-        (amid,) = result(submit(eng, *long_mine, "amid"))
-        [result(f) for f in crowd]
-        assert amid == alone and len(alone[0]) == 16
-    finally:
-        eng.shutdown()
-        torch.set_num_threads(threads)
+    with one_torch_thread():
+        eng = EmbeddedEngine(str(tiny_model_dir), seed=0, batch_wait_s=0.05, deterministic=True,
+                             chunked_prefill_size=6)
+        try:
+            long_mine = (list(range(300, 323)), MINE[1])
+            (alone,) = result(submit(eng, *long_mine, "alone"))
+            crowd = [submit(eng, p, s, f"c{i}") for i, (p, s) in enumerate(OTHERS[:4])]
+            (amid,) = result(submit(eng, *long_mine, "amid"))
+            [result(f) for f in crowd]
+            assert amid == alone and len(alone[0]) == 16
+        finally:
+            eng.shutdown()
 
 
 def test_a_model_without_pluggable_attention_falls_back_to_one_row_per_job(tiny_model_dir, monkeypatch, caplog):
-    import torch
     from transformers import PreTrainedModel
 
     from megatron_rl.rollout.engine import EmbeddedEngine
@@ -182,13 +175,11 @@ def test_a_model_without_pluggable_attention_falls_back_to_one_row_per_job(tiny_
         raise ValueError(f"{type(self).__name__} does not support {name}")
 
     monkeypatch.setattr(PreTrainedModel, "set_attn_implementation", refuse)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    eng = EmbeddedEngine(str(tiny_model_dir), seed=0, batch_wait_s=0.05, deterministic=True)
-    try:
-        assert not eng._rowwise and "one row per forward" in caplog.text
-        (alone,) = result(submit(eng, *MINE, "alone"))
-        assert amid_others(eng, 0) == alone
-    finally:
-        eng.shutdown()
-        torch.set_num_threads(threads)
+    with one_torch_thread():
+        eng = EmbeddedEngine(str(tiny_model_dir), seed=0, batch_wait_s=0.05, deterministic=True)
+        try:
+            assert not eng._rowwise and "one row per forward" in caplog.text
+            (alone,) = result(submit(eng, *MINE, "alone"))
+            assert amid_others(eng, 0) == alone
+        finally:
+            eng.shutdown()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rollout_helpers import one_torch_thread
 
 from megatron_rl.rollout import rowwise
 from megatron_rl.rollout.batching import Rows, merge
@@ -16,10 +17,8 @@ from megatron_rl.rollout.layout import to_decode_layout
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.mark.parametrize("out_features,in_features", [(128, 64), (1536, 512), (896, 4864), (32000, 512)])
