@@ -10,6 +10,9 @@ CPU). ``send_shards`` is the other TP ranks' side.
 
 Point-to-point sends rather than an all-gather: only the leader needs the full tensors, and
 on gloo (loopback) send/recv ran at ~2 GB/s where ``all_gather`` ran at 0.1-0.3 GB/s.
+When the TP team shares a node, no shard travels at all: the buckets are shared-memory files
+every TP rank maps, and each rank writes its own shards into them (``fill_own_shards``, the
+ranks in parallel; ``stage_sync`` runs the hand-off).
 
 Legend: tp = tensor-parallel size; g = query groups (KV heads); hd = head dim.
 """
@@ -154,37 +157,54 @@ def write_hf_from_shards(rule: M.Rule, shards: Sequence[torch.Tensor], dims: Mod
 
     Same result as ``split_hf(unshard(shards))`` without building the full tensor.
     """
-    tp = len(shards)
+    for r, shard in enumerate(shards):
+        write_hf_shard(rule, shard, r, len(shards), dims, dst)
+
+
+def write_hf_shard(rule: M.Rule, shard: torch.Tensor, r: int, tp: int, dims: ModelDims,
+                   dst: Sequence[torch.Tensor]) -> None:
+    """Write TP rank ``r``'s part of one parameter's HF tensors into ``dst`` (HF shapes).
+
+    Every TP rank can write its own part into a shared bucket (``fill_own_shards``): each
+    kind's shard is a fixed set of rows or columns of the HF tensors. A replicated tensor is
+    written by rank 0 only.
+    """
     kind = rule.kind
-    if kind == M.REPLICATED or tp == 1 and rule.merge == "single" and kind != M.VOCAB:
-        dst[0].copy_(shards[0])
+    if kind == M.REPLICATED:
+        if r == 0:
+            dst[0].copy_(shard)
     elif rule.merge == "single" and kind in (M.COLUMN, M.VOCAB):
-        rows = shards[0].shape[0]
-        for r, s in enumerate(shards):
-            stop = min((r + 1) * rows, dst[0].shape[0])  # VOCAB: the padding rows are dropped
-            if stop > r * rows:
-                dst[0][r * rows:stop].copy_(s[:stop - r * rows])
+        rows = shard.shape[0]
+        stop = min((r + 1) * rows, dst[0].shape[0])  # VOCAB: the padding rows are dropped
+        if stop > r * rows:
+            dst[0][r * rows:stop].copy_(shard[:stop - r * rows])
     elif rule.merge == "single" and kind == M.ROW:
-        cols = shards[0].shape[1]
-        for r, s in enumerate(shards):
-            dst[0][:, r * cols:(r + 1) * cols].copy_(s)
+        cols = shard.shape[1]
+        dst[0][:, r * cols:(r + 1) * cols].copy_(shard)
     elif rule.merge == "gate_up":
-        half = shards[0].shape[0] // 2
-        for r, s in enumerate(shards):
-            dst[0][r * half:(r + 1) * half].copy_(s[:half])
-            dst[1][r * half:(r + 1) * half].copy_(s[half:])
+        half = shard.shape[0] // 2
+        dst[0][r * half:(r + 1) * half].copy_(shard[:half])
+        dst[1][r * half:(r + 1) * half].copy_(shard[half:])
     elif rule.merge == "qkv" and kind == M.COLUMN:
         g, hd = dims.num_kv_heads, dims.head_dim
         per = dims.num_heads // g
         gr = g // tp  # query groups per TP rank
         q, k, v = (d.view(g, -1, *d.shape[1:]) for d in dst)  # (g, rows per group, *tail)
-        for r, s in enumerate(shards):
-            sq, sk, sv = s.view(gr, (per + 2) * hd, *s.shape[1:]).split([per * hd, hd, hd], dim=1)
-            for d, piece in ((q, sq), (k, sk), (v, sv)):
-                d[r * gr:(r + 1) * gr].copy_(piece)
-    else:  # a layout without a direct path: build the full tensor
-        for d, piece in zip(dst, M.split_hf(rule, M.unshard(kind, list(shards), dims.vocab_size), dims)):
-            d.copy_(piece)
+        sq, sk, sv = shard.view(gr, (per + 2) * hd, *shard.shape[1:]).split([per * hd, hd, hd], dim=1)
+        for d, piece in ((q, sq), (k, sk), (v, sv)):
+            d[r * gr:(r + 1) * gr].copy_(piece)
+    else:
+        raise NotImplementedError(f"no shard-wise HF layout for {rule.mcore} ({kind}, merge {rule.merge})")
+
+
+@torch.no_grad()
+def fill_own_shards(spec: BucketSpec, params: dict[str, torch.Tensor], dims: ModelDims, tp_rank: int, tp: int,
+                    flat: torch.Tensor) -> None:
+    """Any TP rank: write this rank's shards of ``spec`` into the bucket ``flat`` (shared by the
+    TP team); the leader (rank 0) writes the replicated tensors too."""
+    for slot in spec.params:
+        write_hf_shard(slot.rule, params[slot.local_name].detach(), tp_rank, tp, dims,
+                       hf_views(flat, spec.dtype, slot.entries))
 
 
 def _peer_ranks(tp_group) -> list[int]:

@@ -28,26 +28,52 @@ DEFAULT_ROOT = "/dev/shm"
 
 
 class ShmSlots:
-    """``count`` files of ``nbytes`` each under ``directory``, mapped read-write as uint8 tensors."""
+    """``count`` files of ``nbytes`` each under ``directory``, mapped read-write as uint8 tensors.
 
-    def __init__(self, directory: str | Path, nbytes: int, *, count: int = 2, tag: str = "w"):
+    The creator owns the files (``close`` removes them). Other processes of the same node map
+    them with ``attach``; once every user has mapped them the owner may ``unlink`` the names
+    early, so the memory goes back to the system when the last process exits, even one killed
+    with SIGKILL.
+    """
+
+    def __init__(self, directory: str | Path, nbytes: int, *, count: int = 2, tag: str = "w",
+                 names: list[str] | None = None):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        token = secrets.token_hex(4)
-        self.names = [f"{tag}-{os.getpid()}-{token}-{i}" for i in range(count)]
+        self.nbytes, self.owner = max(nbytes, 1), names is None
         self._maps: list[mmap.mmap] = []
         self.tensors: list[torch.Tensor] = []
+        if self.owner:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            check_free_space(self.directory, self.nbytes * count)
+            token = secrets.token_hex(4)
+            names = [f"{tag}-{os.getpid()}-{token}-{i}" for i in range(count)]
+        self.names = list(names)  # type: ignore[arg-type]
         for name in self.names:
-            fd = os.open(self.directory / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL if self.owner else os.O_RDWR
+            fd = os.open(self.directory / name, flags, 0o600)
             try:
-                os.ftruncate(fd, max(nbytes, 1))
-                mm = mmap.mmap(fd, max(nbytes, 1), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                if self.owner:
+                    os.ftruncate(fd, self.nbytes)
+                elif os.fstat(fd).st_size < self.nbytes:
+                    raise ValueError(f"shared-memory file {name} is shorter than {self.nbytes} bytes")
+                mm = mmap.mmap(fd, self.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             finally:
                 os.close(fd)
             self._maps.append(mm)
             t = torch.frombuffer(mm, dtype=torch.uint8)
-            t.fill_(0)  # touch every page now: the first sync should not pay the page faults
+            if self.owner:
+                t.fill_(0)  # touch every page now: the first sync should not pay the page faults
             self.tensors.append(t)
+
+    @classmethod
+    def attach(cls, directory: str | Path, names: list[str], nbytes: int) -> ShmSlots:
+        """Map files another process of this node created (read-write); ``close`` leaves them."""
+        return cls(directory, nbytes, names=names)
+
+    def unlink(self) -> None:
+        """Remove the files' names; the mappings (this process's and others') stay valid."""
+        for name in self.names:
+            (self.directory / name).unlink(missing_ok=True)
 
     def close(self) -> None:
         self.tensors.clear()  # the tensors pin the maps: drop them before closing
@@ -57,8 +83,22 @@ class ShmSlots:
             except BufferError:  # a view still alive somewhere: the map goes with it
                 pass
         self._maps.clear()
-        for name in self.names:
-            (self.directory / name).unlink(missing_ok=True)
+        if self.owner:
+            self.unlink()
+
+
+def check_free_space(directory: str | Path, nbytes: int) -> None:
+    """Raise ``OSError`` (with the numbers) unless ``directory``'s file system has ``nbytes`` free.
+
+    A RAM file system that is too small (Docker gives containers a 64 MiB /dev/shm) lets the
+    files be created and sized, then kills the process with SIGBUS on the first page it cannot
+    back, so the space is checked before any file is made."""
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if free < nbytes:
+        raise OSError(f"{directory} has {free / 2**20:.0f} MiB free, weight-sync buckets need {nbytes / 2**20:.0f} MiB "
+                      "(in a container, give it more shared memory, e.g. `docker run --shm-size=8g`, or lower "
+                      "`rollout.bucket_size_mb`)")
 
 
 def handle(name: str, nbytes: int, names: list[str], dtypes: list[str], shapes: list[list[int]],

@@ -9,7 +9,12 @@ and ``close``: they are collective). Roles:
   protocol) for ``distributed``, or files in shared memory (``shm``, colocated). A thread
   fills bucket k+1 from the TP shards while bucket k is sent. Stage leaders send in parallel:
   rank 0 no longer relays the other stages.
-- *TP peers* of a leader send their shards of each bucket to it (``buckets.send_shards``).
+- *TP peers* of a leader write their shards of each bucket into it. On the leader's node
+  (checked at ``open``: each peer maps the leader's files and reads back a random token) the
+  buckets are shared-memory files every TP rank maps, and the leader's fill thread only hands
+  each peer a bucket slot and waits for its "done" (``fill_own_shards`` on every rank, in
+  parallel; nothing crosses a socket). Otherwise, or with ``SyncOptions.shared_fill`` off,
+  they send their shards point to point (``buckets.send_shards``).
 - every other rank (CP/DP replicas) only joins the outcome check.
 
 Rank 0 (stage 0's leader) pauses generation first and flushes / continues after every stage
@@ -38,6 +43,9 @@ import asyncio
 import logging
 import os
 import queue
+import secrets
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,6 +60,7 @@ from megatron_rl.weights import delta as D
 from megatron_rl.weights.buckets import (
     BucketSpec,
     fill_bucket,
+    fill_own_shards,
     named_params,
     plan_stage,
     send_shards,
@@ -87,6 +96,10 @@ class SyncOptions:
     """With delta: every full_every-th sync is full (0 = only the first and ``sync(full=True)``)."""
     shm_dir: str | None = None
     """shm: the directory the servers were started with (``serve --weight-shm-dir``)."""
+    shared_fill: bool = True
+    """TP > 1: when the TP team shares the leader's node, every rank writes its own shards into
+    shared-memory buckets (a private directory under /dev/shm unless the shm transport's files
+    are the buckets). False, or another node: shards are sent to the leader point to point."""
     group_name: str = "megatron_rl_weights"
     backend: str = "gloo"
     master_address: str = "127.0.0.1"
@@ -150,11 +163,21 @@ class _Leader:
     def __init__(self, receiver: WeightReceiver, specs: list[BucketSpec], opts: SyncOptions, tp: int,
                  sender: DistributedSender | None, slots: ShmSlots | None):
         self.receiver, self.specs, self.opts, self.sender, self.slots = receiver, specs, opts, sender, slots
+        self.tp = tp
         size = max((s.nbytes for s in specs), default=0)
-        direct = slots is not None and not opts.delta  # the shared files are the fill buffers
-        self.buffers = list(slots.tensors) if direct else [torch.zeros(size, dtype=torch.uint8) for _ in range(2)]
-        recv = max((s.recv_bytes for s in specs), default=0) * (tp - 1)
-        self.scratch = torch.zeros(recv, dtype=torch.uint8) if recv else None
+        self.direct = slots is not None and not opts.delta  # the transport's shared files are the fill buffers
+        self.fill: ShmSlots | None = None  # shared fill buffers of our own (TP peers map them)
+        self.fill_dir: str | None = None
+        if not self.direct and tp > 1 and opts.shared_fill:
+            self.fill = _private_fill_slots(size)
+            self.fill_dir = None if self.fill is None else str(self.fill.directory)
+        self.peers_share = False  # set by ActorSync.open once every TP peer has mapped the buffers
+        shared = self.slots if self.direct else self.fill
+        self.buffers = list(shared.tensors) if shared is not None else [torch.zeros(size, dtype=torch.uint8)
+                                                                         for _ in range(2)]
+        self._scratch_bytes = max((s.recv_bytes for s in specs), default=0) * (tp - 1)
+        self.scratch: torch.Tensor | None = None
+        """The point-to-point path's receive buffer (TP > 1 and the peers do not share the buckets)."""
         self.base: list[torch.Tensor | None] = [None] * len(specs)
         self.algo = D.checksum_algos()[0]
         self.corrupt_at = _fault_sync_index()  # test hook only
@@ -172,9 +195,39 @@ class _Leader:
             slots = ShmSlots(opts.shm_dir or DEFAULT_ROOT, size, count=1 if opts.delta else 2, tag=f"pp{topo.pp_rank}")
         return cls(receiver, specs, opts, topo.tp, sender, slots)
 
+    def shared_buffers(self) -> ShmSlots | None:
+        """The shared-memory files the fill buffers live in (None: private buffers)."""
+        return self.slots if self.direct else self.fill
+
+    def share_token(self) -> dict | None:
+        """What TP peers need to map the fill buffers, with a random token written into the
+        first one so each peer can prove it maps the same memory (None: nothing to share)."""
+        shared = self.shared_buffers() if self.tp > 1 and self.opts.shared_fill else None
+        if shared is None:
+            return None
+        token = secrets.token_bytes(16)
+        shared.tensors[0][:16].copy_(torch.frombuffer(bytearray(token), dtype=torch.uint8))
+        return {"dir": str(shared.directory), "names": shared.names, "nbytes": shared.nbytes, "token": token}
+
+    def shared_by_peers(self, ok: bool) -> None:
+        """After every peer tried to map the buffers: use them (and drop the private files'
+        names, so a killed run leaves nothing in /dev/shm) or fall back to point to point."""
+        self.peers_share = ok
+        if not ok and self._scratch_bytes:
+            self.scratch = torch.zeros(self._scratch_bytes, dtype=torch.uint8)
+        if self.fill is not None:
+            self.fill.unlink()
+            _remove_dir(self.fill_dir)
+        if not ok and self.shared_buffers() is not None:
+            log.warning("weight sync: the TP peers cannot map this leader's shared-memory buckets (another "
+                        "node?); they send their shards point to point")
+
     async def close(self) -> None:
         if self.slots is not None:
             self.slots.close()
+        if self.fill is not None:
+            self.fill.close()
+            _remove_dir(self.fill_dir)
         if self.sender is not None:
             await self.sender.close()
 
@@ -194,7 +247,10 @@ class _Leader:
                 for spec in self.specs:
                     i = free.get()
                     t0 = time.perf_counter()
-                    fill_bucket(spec, params, dims, tp_group, self.buffers[i][:spec.nbytes], self.scratch)
+                    if self.peers_share:
+                        _fill_shared(spec, params, dims, tp_group, self.buffers[i], i)
+                    else:
+                        fill_bucket(spec, params, dims, tp_group, self.buffers[i][:spec.nbytes], self.scratch)
                     stats.fill_s += time.perf_counter() - t0
                     filled.put(i)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
@@ -297,6 +353,50 @@ class _Leader:
             "weight_version": version})
 
 
+def _private_fill_slots(nbytes: int) -> ShmSlots | None:
+    """Two fill buffers in a fresh directory on this node's RAM file system, or None (with a
+    warning) where there is none or it is too small: the TP peers then send point to point."""
+    if not os.path.isdir(DEFAULT_ROOT):
+        return None
+    path = tempfile.mkdtemp(prefix="megatron-rl-fill-", dir=DEFAULT_ROOT)
+    try:
+        return ShmSlots(path, nbytes, count=2, tag="fill")
+    except OSError as e:
+        _remove_dir(path)
+        log.warning("weight sync: no shared-memory buckets for the TP team (%s); shards go point to point", e)
+        return None
+
+
+def _remove_dir(path: str | None) -> None:
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fill_shared(spec: BucketSpec, params: dict[str, torch.Tensor], dims: ModelDims, tp_group,
+                 flat: torch.Tensor, slot: int) -> None:
+    """Leader's fill thread: tell every peer which shared buffer bucket ``spec`` goes in, write
+    its own shards there, and return once every peer reported its shards written."""
+    peers = [dist.get_global_rank(tp_group, r) for r in range(1, dist.get_world_size(tp_group))]
+    works = [dist.isend(torch.tensor([slot], dtype=torch.int64), dst=p, group=tp_group) for p in peers]
+    fill_own_shards(spec, params, dims, 0, len(peers) + 1, flat[:spec.nbytes])
+    for w in works:
+        w.wait()
+    done = torch.zeros(1, dtype=torch.int64)
+    for p in peers:
+        dist.recv(done, src=p, group=tp_group)
+
+
+def _peer_fill_shared(specs: list[BucketSpec], params: dict[str, torch.Tensor], dims: ModelDims, topo: Topology,
+                      buffers: list[torch.Tensor]) -> None:
+    """A TP peer: for each bucket, wait for the leader's slot, write this rank's shards, say done."""
+    leader = dist.get_global_rank(topo.tp_group, 0)
+    slot = torch.zeros(1, dtype=torch.int64)
+    for spec in specs:
+        dist.recv(slot, src=leader, group=topo.tp_group)
+        fill_own_shards(spec, params, dims, topo.tp_rank, topo.tp, buffers[int(slot)][:spec.nbytes])
+        dist.send(torch.zeros(1, dtype=torch.int64), dst=leader, group=topo.tp_group)
+
+
 def _agree(error: Exception | None, topo: Topology, what: str, extra: Any = None) -> list[Any]:
     """All ranks: share each rank's error and ``extra``; raise on every rank if any failed."""
     summary = None if error is None else (isinstance(error, UserError), f"{type(error).__name__}: {error}")
@@ -318,9 +418,11 @@ class ActorSync:
     """Per-stage weight sync of a live actor (see the module docstring). Every actor rank holds one."""
 
     def __init__(self, model: torch.nn.Module, dims: ModelDims, topo: Topology, receiver: WeightReceiver | None,
-                 opts: SyncOptions, specs: list[BucketSpec], leader: _Leader | None):
+                 opts: SyncOptions, specs: list[BucketSpec], leader: _Leader | None, peer_fill: ShmSlots | None = None):
         self.model, self.dims, self.topo, self.receiver, self.opts = model, dims, topo, receiver, opts
         self.specs, self.leader, self.syncs = specs, leader, 0
+        self.peer_fill = peer_fill
+        """A TP peer: the leader's shared fill buffers, mapped (None: it sends its shards)."""
 
     @staticmethod
     def roles(topo: Topology) -> tuple[bool, bool]:
@@ -344,8 +446,21 @@ class ActorSync:
                 leader = await _Leader.open(receiver, specs, opts, topo)
             except Exception as e:  # noqa: BLE001 - shared with every rank below
                 error = e
-        _agree(error, topo, "Opening the weight sync")
-        return cls(model, dims, topo, receiver, opts, specs, leader)
+        peer_fill = None
+        try:
+            if team and topo.tp > 1:
+                peer_fill = _share_fill_buffers(leader, topo)
+        except Exception as e:  # noqa: BLE001 - shared with every rank below
+            error = error or e
+        try:
+            _agree(error, topo, "Opening the weight sync")
+        except BaseException:
+            if peer_fill is not None:
+                peer_fill.close()
+            if leader is not None:
+                await leader.close()
+            raise
+        return cls(model, dims, topo, receiver, opts, specs, leader, peer_fill)
 
     async def sync(self, *, weight_version: str | None = None, full: bool = False,
                    control: WeightReceiver | None = None) -> ActorSyncReport | None:
@@ -370,6 +485,9 @@ class ActorSync:
             if self.leader is not None:
                 stats = await self.leader.run(named_params(self.model), self.dims, topo.tp_group if topo.tp > 1 else None,
                                               full=full, weight_version=weight_version, index=self.syncs)
+            elif team and topo.tp > 1 and self.peer_fill is not None:
+                await asyncio.to_thread(_peer_fill_shared, self.specs, named_params(self.model), self.dims, topo,
+                                        self.peer_fill.tensors)
             elif team and topo.tp > 1:
                 params = named_params(self.model)
                 await asyncio.to_thread(lambda: [send_shards(s, params, topo.tp_group) for s in self.specs])
@@ -404,9 +522,15 @@ class ActorSync:
         if self.leader is not None:
             if self.leader.slots is not None:
                 self.leader.slots.close()
+            if self.leader.fill is not None:
+                self.leader.fill.close()
+                _remove_dir(self.leader.fill_dir)
             if self.leader.sender is not None:
                 self.leader.sender.group.close()
             self.leader = None
+        if self.peer_fill is not None:
+            self.peer_fill.close()
+            self.peer_fill = None
 
     async def close(self, *, collective: bool = True) -> None:
         """All actor ranks: leaders leave their weight groups and remove their shared files.
@@ -414,6 +538,9 @@ class ActorSync:
         ``collective=False``: this rank alone, errors raised here (teardown after a failure,
         when the other ranks may be gone)."""
         error = None
+        if self.peer_fill is not None:
+            self.peer_fill.close()
+            self.peer_fill = None
         if self.leader is not None:
             leader, self.leader = self.leader, None
             try:
@@ -425,6 +552,33 @@ class ActorSync:
                 raise error
             return
         _agree(error, self.topo, "Closing the weight sync")
+
+
+def _share_fill_buffers(leader: _Leader | None, topo: Topology) -> ShmSlots | None:
+    """The TP team of a stage (collective over its TP group): the leader offers its shared fill
+    buffers, each peer maps them and checks the token; all use them only if every peer can.
+    Returns a peer's mapping (None on the leader, or when the shards go point to point)."""
+    offer = [leader.share_token() if leader is not None else None]
+    dist.broadcast_object_list(offer, src=dist.get_global_rank(topo.tp_group, 0), group=topo.tp_group)
+    mine, ok = None, offer[0] is not None
+    if ok and leader is None:
+        try:
+            mine = ShmSlots.attach(offer[0]["dir"], offer[0]["names"], offer[0]["nbytes"])
+            ok = bytes(mine.tensors[0][:16].tolist()) == offer[0]["token"]
+        except (OSError, ValueError):
+            ok = False
+        if not ok and mine is not None:
+            mine.close()
+            mine = None
+    votes: list[Any] = [None] * topo.tp
+    dist.all_gather_object(votes, ok, group=topo.tp_group)
+    shared = offer[0] is not None and all(votes)
+    if leader is not None:
+        leader.shared_by_peers(shared)
+    if not shared and mine is not None:
+        mine.close()
+        mine = None
+    return mine
 
 
 async def _continue_quietly(receiver: WeightReceiver | None) -> None:

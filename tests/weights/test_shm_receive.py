@@ -130,3 +130,39 @@ def test_shared_memory_handles_cannot_leave_the_directory(served, tmp_path):
     assert "bare file name" in messages[1] and "bare file name" in messages[2]
     assert "is not a file in the server's weight directory" in messages[3]
     assert "holds 8 bytes" in messages[4] and "is not a file" in messages[5]
+
+
+def test_a_ram_file_system_too_small_for_the_buckets_is_refused_before_any_file_is_made(tmp_path, monkeypatch):
+    """tmpfs lets a file be sized past its free space, then SIGBUSes on the first page it cannot
+    back: the space is checked first, and the TP fill falls back to point to point."""
+    from megatron_rl.weights import stage_sync
+
+    real = os.statvfs
+
+    class Small:
+        f_bavail, f_frsize = 16, 4096  # 64 KiB free
+
+    monkeypatch.setattr(os, "statvfs", lambda p: Small() if str(p).startswith(str(tmp_path)) else real(p))
+    with pytest.raises(OSError, match=r"0 MiB free, weight-sync buckets need 2 MiB .*--shm-size"):
+        ShmSlots(tmp_path / "w", 1 << 20, count=2)
+    assert list((tmp_path / "w").iterdir()) == []
+    monkeypatch.setattr(stage_sync, "DEFAULT_ROOT", str(tmp_path))
+    assert stage_sync._private_fill_slots(1 << 20) is None
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("megatron-rl-fill-")] == []
+
+
+def test_attached_slots_share_memory_and_survive_the_names_being_unlinked(tmp_path):
+    owner = ShmSlots(tmp_path, 4096, count=2, tag="t")
+    peer = ShmSlots.attach(tmp_path, owner.names, 4096)
+    owner.unlink()
+    assert list(tmp_path.iterdir()) == []
+    peer.tensors[1][:3] = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    assert owner.tensors[1][:3].tolist() == [1, 2, 3]
+    peer.close()
+    owner.close()
+    with pytest.raises(ValueError, match="shorter"):
+        small = ShmSlots(tmp_path, 100, count=1, tag="s")
+        try:
+            ShmSlots.attach(tmp_path, small.names, 4096)
+        finally:
+            small.close()

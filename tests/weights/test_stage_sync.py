@@ -27,23 +27,31 @@ WORKER = Path(__file__).parent / "workers" / "stage_sync_worker.py"
 sys.path.insert(0, str(WORKER.parent))
 from stage_sync_worker import SEQS  # noqa: E402
 
-VERSIONS = ["v1", "v2", "v3", "v4", "v5"]
+VERSIONS = ["v1", "v2", "v3", "v4", "v5", "v6", "v7"]
 
 
 def shm_servers(model_dir: Path, count: int, tmp: Path, shm_dir: Path):
     return serve_processes(model_dir, count, tmp, extra_args=("--weight-shm-dir", str(shm_dir)))
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("stage_sync")
+def fill_dirs() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("megatron-rl-fill-*")} if Path("/dev/shm").is_dir() else set()
+
+
+@pytest.fixture(scope="module", params=[(1, 2), (2, 1)], ids=["tp1pp2", "tp2pp1"])
+def run(request, tmp_path_factory):
+    tp, pp = request.param
+    tmp = tmp_path_factory.mktemp(f"stage_sync_tp{tp}pp{pp}")
     make_tiny_hf(tmp / "served", seed=0, **TINY)
     make_tiny_hf(tmp / "actor", seed=1, **TINY)
     shm = tmp / "shm"
     shm.mkdir()
+    before = fill_dirs()
     with shm_servers(tmp / "served", 2, tmp, shm) as servers:
-        torchrun(2, WORKER, tmp / "actor", tmp, ",".join(s.url for s in servers), shm, 1, 2, timeout=300)
+        torchrun(2, WORKER, tmp / "actor", tmp, ",".join(s.url for s in servers), shm, tp, pp, timeout=300)
     ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks[0]["fill_dirs_left"] = sorted(fill_dirs() - before)
+    ranks[0]["tp"] = tp
     return ranks, tmp
 
 
@@ -60,8 +68,11 @@ def reference_scores(tmp: Path, version: str) -> list[list[float]]:
 @pytest.mark.slow
 def test_each_stage_sends_its_own_layers_and_delta_keeps_servers_equal_to_the_actor(run):
     (r0, r1), tmp = run
-    assert r0["leaders"][0][0] == 0 and r1["leaders"][0][0] == 1  # rank 1 sends stage 1 itself
-    assert r0["leaders"][0][1] != r1["leaders"][0][1]  # over a weight group of its own
+    if r0["tp"] == 1:
+        assert r0["leaders"][0][0] == 0 and r1["leaders"][0][0] == 1  # rank 1 sends stage 1 itself
+        assert r0["leaders"][0][1] != r1["leaders"][0][1]  # over a weight group of its own
+    else:
+        assert r0["leaders"][0][0] == 0 and r1["leaders"] == []  # the TP peer is no sender
     for version in VERSIONS:
         want = reference_scores(tmp, version)
         for server_scores in r0[f"scores_{version}"]:
@@ -84,3 +95,17 @@ def test_delta_sends_only_changed_elements_and_a_corrupted_delta_falls_back_to_f
     v3 = reports["v3"]
     assert v3["fallbacks"] == 1  # caught by the server's checksum, resent in full ...
     assert v3["sent_bytes"] > v3["full_bytes"] / v3["buckets"]  # ... and the rest of that stage too
+
+
+@pytest.mark.slow
+def test_tp_peers_write_their_shards_into_shared_buckets_and_leave_nothing_behind(run):
+    """TP=2: the peer maps the leader's shared-memory buckets in every phase but the one with
+    ``shared_fill`` off (point to point); the servers matched the actor in all of them (above),
+    and the private fill directories are gone at the end."""
+    (r0, r1), _ = run
+    if r0["tp"] == 1:
+        assert not any(r0["shared"].values()) and not any(r1["shared"].values())
+    else:
+        want = {v: v != "v7" for v in VERSIONS}
+        assert r0["shared"] == want and r1["shared"] == want
+    assert r0["fill_dirs_left"] == []

@@ -8,7 +8,13 @@ Phases (every rank, in order; rank 0 records, the test checks):
 - distributed, delta on: v1 full sync; one Adam step; v2 delta sync; one more step; v3 delta
   with the last stage's first non-empty delta payload corrupted (a value byte flipped): the
   server refuses it, the stage sends it in full;
-- shm (colocated), delta on: v4 full sync; one Adam step; v5 delta.
+- shm (colocated), delta on: v4 full sync; one Adam step; v5 delta;
+- shm, delta off (the transport's files are the fill buffers): one step; v6 full sync;
+- distributed, delta off, ``shared_fill`` off (TP peers send their shards point to point):
+  one step; v7 full sync.
+
+With TP > 1 every phase but the last has the TP peers write their shards into shared-memory
+buckets themselves; each rank records per version whether its TP team shared them.
 
 After every sync: each server's log-probs of SEQS (rank 0) and the actor's HF export saved
 (``export_<v>.safetensors``), against which the test recomputes the log-probs.
@@ -108,6 +114,8 @@ async def main(hf_dir: str, out_dir: Path, urls: list[str], shm_dir: str, tp: in
 
     async def sync(link: ActorSync, version: str, **kwargs) -> None:
         report = await link.sync(weight_version=version, **kwargs)
+        out.setdefault("shared", {})[version] = (link.leader.peers_share if link.leader is not None
+                                                 else link.peer_fill is not None)
         save_export(actor, topo, out_dir / f"export_{version}.safetensors")
         if topo.rank == 0:
             out["reports"][version] = {"full": report.full, **dataclasses.asdict(report.stats)}
@@ -135,6 +143,19 @@ async def main(hf_dir: str, out_dir: Path, urls: list[str], shm_dir: str, tp: in
     await sync(link, "v4")
     train_step(actor)
     await sync(link, "v5")
+    await link.close()
+
+    link = await ActorSync.open(actor.model[0], actor.dims, topo, client, SyncOptions(
+        transport="shm", bucket_bytes=BUCKET, shm_dir=shm_dir))
+    train_step(actor)
+    await sync(link, "v6")
+    await link.close()
+
+    link = await ActorSync.open(actor.model[0], actor.dims, topo, client, SyncOptions(
+        transport="distributed", bucket_bytes=BUCKET, shared_fill=False, group_name=f"g-{uuid.uuid4().hex[:6]}",
+        timeout_s=60))
+    train_step(actor)
+    await sync(link, "v7")
     await link.close()
     (out_dir / f"rank{topo.rank}.json").write_text(json.dumps(out))
     for c in [client, *singles]:
