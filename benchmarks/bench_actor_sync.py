@@ -6,7 +6,7 @@ and the embedded engine's generation throughput on the synced model.
 Actor: megatron-core GPTModel with Qwen2-0.5B's shapes (494M parameters, bf16, random
 megatron init, AdamW with fp32 master weights), TP=2 on two torchrun processes (gloo, one
 torch thread each). Receiver: ``--servers`` `megatron_rl.rollout.serve` processes started from
-a random bf16 Qwen2 of the same shape (they hold fp32 copies), with ``--weight-shm-dir`` a
+a random bf16 Qwen2 of the same shape (held in ``--server-dtype``: fp32 copies by default), with ``--weight-shm-dir`` a
 directory under /dev/shm. Sync rows are timed on actor rank 0 (best of ``--repeats``):
 
 - memory copy: the exported tensors copied into preallocated buffers (same bytes, bucket by
@@ -194,7 +194,8 @@ async def stage_sync_rows(actor, topo, client, args) -> dict:
 
     def options(transport: str, delta: bool) -> SyncOptions:
         return SyncOptions(transport=transport, bucket_bytes=args.bucket_mb << 20, delta=delta, full_every=0,
-                           shm_dir=args.shm_dir, group_name=f"bench-{uuid.uuid4().hex[:6]}", timeout_s=1800)
+                           shm_dir=args.shm_dir, group_name=f"bench-{uuid.uuid4().hex[:6]}", timeout_s=1800,
+                           persistent_shm=args.server_dtype == "bfloat16")  # the actor is bf16: zero copy
 
     def keep(label: str, report) -> None:
         if report is not None:
@@ -239,7 +240,7 @@ def run_actor(urls: list[str], model_dir: pathlib.Path, out: pathlib.Path, args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", __file__, "--worker", "--urls", ",".join(urls),
            "--model-dir", str(model_dir), "--out", str(out), "--repeats", str(args.repeats), "--lr", str(args.lr),
-           "--shm-dir", args.shm_dir, "--bucket-mb", str(args.bucket_mb),
+           "--shm-dir", args.shm_dir, "--bucket-mb", str(args.bucket_mb), "--server-dtype", args.server_dtype,
            *(["--skip-legacy"] if args.skip_legacy else [])]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'benchmarks'}", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -255,8 +256,10 @@ def main() -> None:
     ap.add_argument("--servers", type=int, default=1, help="serve processes receiving the weights")
     ap.add_argument("--server-threads", type=int, default=1, help="torch threads per server (0 = torch default)")
     ap.add_argument("--bucket-mb", type=int, default=BUCKET_MB, help="sync bucket size in MiB (rollout.bucket_size_mb)")
-    ap.add_argument("--server-layout", choices=("transposed", "hf"), default="transposed",
-                    help="the servers' --weight-layout (hf writes bench_actor_sync_hf_layout.csv)")
+    ap.add_argument("--server-layout", choices=("auto", "transposed", "hf"), default="auto",
+                    help="the servers' --weight-layout (auto: transposed for float32, hf for bfloat16)")
+    ap.add_argument("--server-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the servers' --dtype; a run other than float32 + auto writes bench_actor_sync_<dtype>_<layout>.csv")
     ap.add_argument("--lr", type=float, default=1e-6, help="Adam learning rate of the step before the delta sync")
     ap.add_argument("--skip-legacy", action="store_true", help="leave out the sync_actor_weights rows")
     ap.add_argument("--gen-batch", type=int, default=8)
@@ -277,28 +280,32 @@ def main() -> None:
     with (tempfile.TemporaryDirectory(prefix="bench-actor-sync-") as tmp_name,
           tempfile.TemporaryDirectory(prefix="bench-actor-sync-", dir="/dev/shm") as shm_dir, TreeMemory() as mem):
         tmp, args.shm_dir = pathlib.Path(tmp_name), shm_dir
+        layout = args.server_layout if args.server_layout != "auto" else \
+            ("transposed" if args.server_dtype == "float32" else "hf")
+        server = f"{args.server_dtype} server, {layout} layout"
         build_model(SHAPES[args.shape], torch.bfloat16, tmp / "served", seed=0)  # saved, then dropped
         cfg = RolloutConfig(num_servers=args.servers, base_port=0, health_timeout_s=600, request_timeout_s=3600)
         extra = ["--threads", str(args.server_threads)] if args.server_threads > 0 else []
-        extra += ["--weight-layout", args.server_layout]
+        extra += ["--weight-layout", args.server_layout, "--dtype", args.server_dtype]
         extra += ["--weight-shm-dir", shm_dir]
         with ServerManager(cfg, str(tmp / "served"), log_dir=tmp / "logs", extra_args=extra) as manager:
             print(f"actor (TP=2) -> {args.servers} server(s) ...", flush=True)
             rank0, rank1 = run_actor(manager.urls, tmp / "served", tmp, args)
             print("generation ...", flush=True)
             case = f"Qwen2 {args.shape} shape, {rank0['params'] / 1e6:.0f}M params"
-            gen = generation_rows(manager.urls, f"{case} (synced), fp32 server, {args.server_layout} layout",
+            gen = generation_rows(manager.urls, f"{case} (synced), {server}",
                                   (1, args.gen_batch),
                                   args.gen_prompt, args.gen_tokens)
             server_hwm = [vm_hwm_gb(s.process.pid) for s in manager.servers if s.process is not None]
-    rows = actor_rows(rank0, args.servers, f"{case}, {args.server_layout} server layout", args.lr)
+    rows = actor_rows(rank0, args.servers, f"{case}, {server}", args.lr)
     for r in gen:
         r.update(vs_memory_copy="", sent_of_full="", changed="")
     rows += gen
     for r in rows:
         r.update(seconds=round(r["seconds"], 3), throughput=round(r["throughput"], 2))
     hwm = [rank0["hwm_gb"], rank1["hwm_gb"], *server_hwm, vm_hwm_gb()]
-    csv_path = CSV_PATH if args.server_layout == "transposed" else CSV_PATH.with_name("bench_actor_sync_hf_layout.csv")
+    default = args.server_dtype == "float32" and args.server_layout == "auto"
+    csv_path = CSV_PATH if default else CSV_PATH.with_name(f"bench_actor_sync_{args.server_dtype}_{args.server_layout}.csv")
     write_table(rows, COLUMNS, csv_path, server_threads=args.server_threads or "default",
                 peak_pss_total_gb=round(mem.peak_bytes / 1e9, 2))
     print(f"actor build (random init, per rank): {rank0['build_s']:.1f} s; Adam step before the delta rows "

@@ -15,6 +15,7 @@ from megatron_rl.config.base import require
 EngineKind = Literal["embedded", "sglang"]
 SyncTransport = Literal["distributed", "shm", "disk", "tensor"]
 RolloutMode = Literal["sync", "one_step_off", "async"]
+ServerDtype = Literal["auto", "float32", "bfloat16"]
 
 
 @dataclass
@@ -27,6 +28,11 @@ class RolloutConfig:
     """Servers to launch when server_urls is empty (each is one data-parallel rollout replica)."""
     tp_size: int = 1
     """Tensor-parallel size of each SGLang server (GPUs per server); the embedded engine needs 1."""
+    server_dtype: ServerDtype = "auto"
+    """dtype of launched servers (`--dtype`). auto: float32 for the embedded engine (log-probs
+    closest to an fp32 actor's), the checkpoint's for SGLang. bfloat16 on the embedded engine
+    reads half the weight bytes per decode step and loads a bf16 actor's sync as plain copies;
+    its log-probs then differ from an fp32 actor's as SGLang's do (mind `algo` corrections)."""
     mem_fraction: float = 0.8
     """SGLang --mem-fraction-static: share of each GPU for weights + KV cache (lower when colocated)."""
     gpu_ids: list[int] | None = None

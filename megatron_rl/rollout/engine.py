@@ -70,7 +70,7 @@ import torch
 
 from megatron_rl.rollout import rowwise
 from megatron_rl.rollout.batching import Prefill, Rows, merge, mergeable
-from megatron_rl.rollout.layout import TransposingCopier, to_decode_layout
+from megatron_rl.rollout.layout import TransposingCopier, is_transposed, to_decode_layout
 from megatron_rl.rollout.sampling import BadRequest, RequestParams, sample_rows, seeded_uniform
 
 log = logging.getLogger(__name__)
@@ -117,15 +117,19 @@ class EmbeddedEngine:
 
     def __init__(self, model_path: str, *, max_batch_size: int = 64, seed: int | None = None,
                  batch_wait_s: float = 0.005, original_logprobs: bool = False, deterministic: bool = False,
-                 chunked_prefill_size: int = 512, transposed_weights: bool = True):
+                 chunked_prefill_size: int = 512, transposed_weights: bool = True,
+                 dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM
 
         if max_batch_size < 1 or chunked_prefill_size < 1:
             raise ValueError(f"max_batch_size ({max_batch_size}) and chunked_prefill_size ({chunked_prefill_size}) "
                              "must be at least 1.")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype {dtype}: the embedded engine runs float32 or bfloat16")
 
         self.model_path = model_path
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.dtype = dtype
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
         self.tokenizer = _load_tokenizer(model_path)
         cfg = self.model.config
         self.vocab_size = int(cfg.vocab_size)
@@ -149,6 +153,10 @@ class EmbeddedEngine:
         # state_dict tensors share storage with the parameters (tied names share one tensor),
         # so copying into them updates the model in place.
         self._targets = self.model.state_dict()
+        from megatron_rl.weights.shm import SharedMaps
+
+        self._shared: dict[str, str] = {}  # parameter name -> the shared bucket file it is bound to
+        self._shm_cache = SharedMaps()
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
         self.original_logprobs, self.deterministic = original_logprobs, deterministic
         self.generator = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
@@ -230,6 +238,8 @@ class EmbeddedEngine:
         with self._cv:
             self._paused = True
             self._cv.notify_all()
+        with self._model_lock:  # the forward in flight has ended when pause returns: a trainer may
+            pass                # write weights this server maps from shared memory (zero-copy sync)
         if mode == "abort":
             self.abort(abort_all=True, message="Aborted by /pause_generation")
 
@@ -262,6 +272,7 @@ class EmbeddedEngine:
         try:
             with self._model_lock, torch.no_grad():
                 for name, tensor in named_tensors:
+                    self._unshare(name)
                     target = self._target(name, tuple(tensor.shape), len(loaded))
                     self._copier.copy_into(target, tensor)  # casts (bf16 -> fp32); transposes if stored so
                     loaded.append(name)
@@ -308,6 +319,8 @@ class EmbeddedEngine:
             raise BadRequest(f"{D.MISMATCH_MARKER}: {stale[:3]} (of {len(stale)}) failed an earlier delta's checksum "
                              "and take a full update before any delta.")
         with self._model_lock, torch.no_grad():
+            for n in names:
+                self._unshare(n)
             targets = [self._target(n, tuple(s), i) for i, (n, s) in enumerate(zip(names, shapes))]
             # A delta addresses elements in the wire's row-major order: transposed weights take
             # it on a row-major copy, written back after.
@@ -343,11 +356,57 @@ class EmbeddedEngine:
         missing = [k for k in ("name", "nbytes", "names", "dtypes", "shapes") if k not in h]
         if missing:
             raise BadRequest(f"shared-memory handle lacks {missing}.")
+        persistent = h.get("persistent") is True and h.get("delta") is None
         try:
-            flat = map_shared_file(self.weight_shm_dir, h["name"], h["nbytes"])
+            flat = (self._shm_cache.map(self.weight_shm_dir, h["name"], h["nbytes"]) if persistent
+                    else map_shared_file(self.weight_shm_dir, h["name"], h["nbytes"]))
         except (ValueError, OSError) as e:
             raise BadRequest(f"Bad shared-memory handle: {e}.") from None
+        if persistent and self._bind_shared(flat, h["name"], h["names"], h["dtypes"], h["shapes"]):
+            return len(h["names"])
         return self.load_flat(flat, h["names"], h["dtypes"], h["shapes"], h.get("delta"))
+
+    def _bind_shared(self, flat: torch.Tensor, file: str, names: list[str], dtypes: list[str],
+                     shapes: list[list[int]]) -> bool:
+        """Zero-copy load of a persistent shared bucket: make its tensors the parameters' storage.
+
+        Only where every tensor has its parameter's dtype and (row-major) layout; returns False
+        (the caller copies instead) otherwise. Binding again to the same file is free: the
+        trainer has written the new values in place while generation was paused."""
+        from megatron_rl.weights.sync import unflatten_bucket
+
+        torch_dtypes = _wire_dtypes(names, dtypes, shapes)
+        try:
+            views = unflatten_bucket(flat, torch_dtypes, shapes)
+        except ValueError as e:
+            raise BadRequest(f"Bad flattened bucket: {e}.") from None
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for i, (name, view) in enumerate(zip(names, views)):
+            target = self._target(name, tuple(view.shape), i)
+            if name not in params or target.dtype != view.dtype or is_transposed(target) or not target.is_contiguous():
+                return False
+        with self._model_lock, torch.no_grad():
+            for name, view in zip(names, views):
+                param = params[name]
+                if param.data_ptr() != view.data_ptr():
+                    param.data = view
+                self._shared[name] = file
+            self._targets = self.model.state_dict()
+            self._shm_cache.keep(set(self._shared.values()))
+        if self._unverified:
+            self._unverified = self._unverified.difference(names)
+        return True
+
+    def _unshare(self, name: str) -> None:
+        """Before a copy into a parameter bound to a shared bucket: give it private storage, so
+        the load changes this server only (several servers may map the same files)."""
+        if self._shared.pop(name, None) is None:
+            return
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        params[name].data = params[name].data.clone()
+        for other in [n for n in self._shared if params[n] is params[name]]:
+            self._shared.pop(other)  # tied names: one parameter
+        self._targets = self.model.state_dict()
 
     def load_from_disk(self, path: str) -> int:
         """Load every ``*.safetensors`` file of a directory (one file at a time)."""

@@ -174,7 +174,8 @@ async def flush_cache(request: web.Request) -> web.Response:
 
 async def pause_generation(request: web.Request) -> web.Response:
     body = await json_body(request)
-    request.app[ENGINE_KEY].pause(str(body.get("mode") or "abort"))
+    # a thread: pause returns once the forward in flight has ended, which the loop must not wait on
+    await asyncio.to_thread(request.app[ENGINE_KEY].pause, str(body.get("mode") or "abort"))
     return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
 
 

@@ -20,6 +20,24 @@ from __future__ import annotations
 
 import torch
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""What ``serve --dtype`` takes: fp32 (log-probs closest to an fp32 actor's) or bf16 (half the
+weight bytes per decode step, and weight loads that are plain copies of bf16 wire bytes)."""
+
+
+def wants_transposed(layout: str, dtype: torch.dtype, deterministic: bool) -> bool:
+    """Whether linear weights are stored column-major, for ``serve --weight-layout``.
+
+    ``auto``: column-major for fp32 (decode 1.4-1.5x faster at 8-32 rows) and for deterministic
+    mode (its batch-invariant batched decode needs it); row-major for bf16 otherwise, which
+    decodes as fast either way here (one 8-row step of the 494M model: 248 ms row-major,
+    262 ms column-major, fp32 column-major 345 ms) and then loads weights with plain copies."""
+    if layout not in ("auto", "transposed", "hf"):
+        raise ValueError(f"weight layout {layout!r}: use auto, transposed or hf")
+    if layout == "auto":
+        return dtype == torch.float32 or deterministic
+    return layout == "transposed"
+
 
 def is_transposed(t: torch.Tensor) -> bool:
     """A 2-D tensor whose memory is its transpose's, row-major (the decode layout)."""
@@ -49,6 +67,8 @@ class TransposingCopier:
 
     BLOCK_ROWS = 256
     """Source rows transposed at a time: the block stays in cache between its two passes."""
+    SAME_DTYPE_BLOCK_ROWS = 128
+    """Source rows per block when no cast is needed (measured best of 16-1024 for bf16)."""
 
     def __init__(self) -> None:
         self._scratch: torch.Tensor | None = None
@@ -66,10 +86,12 @@ class TransposingCopier:
             target.copy_(src)
             return
         storage = target.t()  # contiguous [in, out]
-        if src.dtype == target.dtype:
-            storage.copy_(src.t())
-            return
         rows, cols = src.shape
+        if src.dtype == target.dtype:  # no cast: blocks written straight (2.4 GB/s of bf16, 1.0 whole)
+            for start in range(0, rows, self.SAME_DTYPE_BLOCK_ROWS):
+                end = min(rows, start + self.SAME_DTYPE_BLOCK_ROWS)
+                storage[:, start:end].copy_(src[start:end].t())
+            return
         block = min(rows, self.BLOCK_ROWS)
         if self._scratch is None or self._scratch.dtype != src.dtype or self._scratch.numel() < cols * block:
             self._scratch = torch.empty(cols * block, dtype=src.dtype)

@@ -29,12 +29,17 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    action="store_true",
                    help="requests with sampling_seed give bit-identical tokens and log-probs whatever "
                         "else is batched (seeded requests decode in a batch-invariant batch; with "
-                        "--weight-layout hf each runs unbatched)")
+                        "a row-major --weight-layout each runs unbatched)")
     p.add_argument("--return-original-logprob", action="store_true",
                    help="log-probs of the untempered distribution (SGLANG_RETURN_ORIGINAL_LOGPROB=1)")
-    p.add_argument("--weight-layout", choices=("transposed", "hf"), default="transposed",
-                   help="memory order of linear weights: transposed (column-major: faster decoding, slower "
-                        "weight loads) or hf (as stored by Hugging Face); values and names are the same")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights and compute: float32 (log-probs closest to an fp32 trainer's) or bfloat16 "
+                        "(as SGLang serves on GPUs: half the bytes per decode step, weight syncs of bf16 "
+                        "trainers are plain copies)")
+    p.add_argument("--weight-layout", choices=("auto", "transposed", "hf"), default="auto",
+                   help="memory order of linear weights: transposed (column-major: faster float32 decoding, "
+                        "slower weight loads), hf (as stored by Hugging Face), or auto: transposed for "
+                        "float32 or --deterministic, hf for bfloat16; values and names are the same")
     p.add_argument("--weight-shm-dir", default=None,
                    help="directory (e.g. under /dev/shm) whose files /update_weights_from_tensor may name with "
                         "load_format shared_memory (colocated weight sync); unset = that format is refused")
@@ -56,16 +61,19 @@ def run(args: argparse.Namespace) -> int:
 
     from megatron_rl.rollout.engine import EmbeddedEngine
     from megatron_rl.rollout.http_server import build_app
+    from megatron_rl.rollout.layout import DTYPES, wants_transposed
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
     engine = EmbeddedEngine(args.model, max_batch_size=args.max_batch_size, seed=args.seed,
                             original_logprobs=args.return_original_logprob, deterministic=args.deterministic,
-                            chunked_prefill_size=args.chunked_prefill_size,
-                            transposed_weights=args.weight_layout == "transposed")
+                            chunked_prefill_size=args.chunked_prefill_size, dtype=dtype,
+                            transposed_weights=wants_transposed(args.weight_layout, dtype, args.deterministic))
     engine.weight_shm_dir = args.weight_shm_dir
-    logging.getLogger(__name__).info("serving %s on http://%s:%d (deterministic=%s)", args.model, args.host,
-                                     args.port, args.deterministic)
+    logging.getLogger(__name__).info("serving %s on http://%s:%d (%s, %s weights, deterministic=%s)", args.model,
+                                     args.host, args.port, args.dtype,
+                                     "column-major" if engine.transposed else "row-major", args.deterministic)
     # handler_cancellation: a client that hangs up cancels its handler, which aborts its jobs.
     web.run_app(build_app(engine), host=args.host, port=args.port, print=None, handler_cancellation=True,
                 shutdown_timeout=5.0, access_log=None)

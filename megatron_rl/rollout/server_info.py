@@ -48,7 +48,7 @@ def server_info_body(engine: EmbeddedEngine, host: str) -> dict[str, Any]:
         # ServerArgs fields, with what the embedded engine really does
         "model_path": engine.model_path, "tokenizer_path": tokenizer_path, "tokenizer_mode": "auto",
         "skip_tokenizer_init": engine.tokenizer is None, "load_format": "safetensors",
-        "trust_remote_code": False, "dtype": "float32", "kv_cache_dtype": "auto", "quantization": None,
+        "trust_remote_code": False, "dtype": str(engine.dtype).removeprefix("torch."), "kv_cache_dtype": "auto", "quantization": None,
         "context_length": engine.context_len, "device": "cpu", "served_model_name": engine.model_path,
         "is_embedding": False, "host": hostname or host, "port": int(port) if port.isdigit() else None,
         "tp_size": 1, "pp_size": 1, "dp_size": 1, "ep_size": 1, "moe_dp_size": 1, "nnodes": 1, "node_rank": 0,

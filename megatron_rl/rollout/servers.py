@@ -60,13 +60,20 @@ class LaunchSpec:
     extra_args: list[str] = field(default_factory=list)
     python: str = sys.executable
     deterministic: bool = False
+    dtype: str = "auto"
+    """``--dtype`` of the server (both engines take the flag); auto = the engine's default."""
+
+
+def _dtype_args(spec: LaunchSpec) -> list[str]:
+    return [] if spec.dtype == "auto" else ["--dtype", spec.dtype]
 
 
 def sglang_command(spec: LaunchSpec) -> list[str]:
     return [spec.python, "-m", "sglang.launch_server", "--model-path", spec.model_path, "--host", spec.host,
             "--port", str(spec.port), "--tp-size", str(spec.tp_size),
             "--mem-fraction-static", str(spec.mem_fraction),
-            *(["--enable-deterministic-inference"] if spec.deterministic else []), *spec.extra_args]
+            *(["--enable-deterministic-inference"] if spec.deterministic else []), *_dtype_args(spec),
+            *spec.extra_args]
 
 
 def megatron_rl_command(python: str) -> list[str]:
@@ -77,7 +84,8 @@ def megatron_rl_command(python: str) -> list[str]:
 
 def embedded_command(spec: LaunchSpec) -> list[str]:
     return [*megatron_rl_command(spec.python), "serve", "--model", spec.model_path, "--host", spec.host,
-            "--port", str(spec.port), *(["--deterministic"] if spec.deterministic else []), *spec.extra_args]
+            "--port", str(spec.port), *(["--deterministic"] if spec.deterministic else []), *_dtype_args(spec),
+            *spec.extra_args]
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -229,7 +237,8 @@ class ServerManager:
                            # colocated: the trainer releases their GPU memory around each update
                            extra_args=self.extra_args + (["--enable-memory-saver"] if cfg.engine == "sglang"
                                                          and cfg.colocate else []), python=self.python,
-                           deterministic=bool(getattr(cfg, "deterministic", False)))
+                           deterministic=bool(getattr(cfg, "deterministic", False)),
+                           dtype=getattr(cfg, "server_dtype", "auto"))
                 for i, port in enumerate(ports)]
 
     def start(self) -> list[str]:

@@ -7,7 +7,13 @@ its bytes into its parameters. So a bucket costs one write by the trainer and on
 the server, and nothing crosses a socket but a small JSON handle.
 
 A handle is data, never code: ``{"name": file name, "nbytes": bytes used, "names": [...],
-"dtypes": [...], "shapes": [...], "delta": header or null}``. The server accepts bare file
+"dtypes": [...], "shapes": [...], "delta": header or null, "persistent": bool}``.
+
+*Zero copy* (``persistent``): the trainer keeps one file per bucket for the link's life; a
+server whose parameters have the wire dtype and row-major layout maps those files shared and
+makes them its parameters' storage (``SharedMaps``), so later syncs are the trainer's writes
+alone, made while generation is paused. A copy into such a parameter by any other load gives
+it private storage first, so it never changes another server mapping the same file. The server accepts bare file
 names only (no separators), resolves them inside its directory and refuses anything else
 (symlinks out of it included), so a request cannot make it read other files.
 """
@@ -102,17 +108,45 @@ def check_free_space(directory: str | Path, nbytes: int) -> None:
 
 
 def handle(name: str, nbytes: int, names: list[str], dtypes: list[str], shapes: list[list[int]],
-           delta: dict[str, Any] | None) -> dict[str, Any]:
-    """The JSON handle of one bucket written into the shared file ``name``."""
-    return {"name": name, "nbytes": nbytes, "names": names, "dtypes": dtypes, "shapes": shapes, "delta": delta}
+           delta: dict[str, Any] | None, persistent: bool = False) -> dict[str, Any]:
+    """The JSON handle of one bucket written into the shared file ``name``. ``persistent``: the
+    file holds this bucket for the link's life, so a server may map it as its weights."""
+    return {"name": name, "nbytes": nbytes, "names": names, "dtypes": dtypes, "shapes": shapes, "delta": delta,
+            "persistent": persistent}
 
 
-def map_shared_file(root: str | Path, name: Any, nbytes: Any) -> torch.Tensor:
-    """Receiver: the first ``nbytes`` of file ``name`` inside ``root``, mapped (private, copy-on-write).
+class SharedMaps:
+    """Receiver of persistent buckets (zero-copy sync): each file mapped once, shared and
+    writable, so its tensors can be a server's parameters and the trainer's later writes land
+    in them. A file replaced under the same name (another inode or size) is mapped anew."""
 
-    ValueError for a name that is not a bare file name, a path that leaves ``root``, a missing
-    file or one shorter than ``nbytes``.
-    """
+    def __init__(self) -> None:
+        self._maps: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
+
+    def map(self, root: str | Path, name: Any, nbytes: Any) -> torch.Tensor:
+        path = _checked_path(root, name, nbytes)
+        st = os.stat(path)
+        if st.st_size < nbytes:
+            raise ValueError(f"{name!r} holds {st.st_size} bytes, the request says {nbytes}")
+        key = (st.st_ino, st.st_size)
+        hit = self._maps.get(name)
+        if hit is None or hit[0] != key:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            hit = (key, torch.frombuffer(mm, dtype=torch.uint8))
+            self._maps[name] = hit
+        return hit[1][:nbytes]
+
+    def keep(self, names: set[str]) -> None:
+        """Forget the other files (their memory goes once no parameter uses it)."""
+        for name in [n for n in self._maps if n not in names]:
+            del self._maps[name]
+
+
+def _checked_path(root: str | Path, name: Any, nbytes: Any) -> Path:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"shared-memory file name {name!r} must be a bare file name (letters, digits, '._-')")
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
@@ -121,6 +155,16 @@ def map_shared_file(root: str | Path, name: Any, nbytes: Any) -> torch.Tensor:
     path = (base / name).resolve()
     if path.parent != base or not path.is_file():
         raise ValueError(f"{name!r} is not a file in the server's weight directory {str(base)!r}")
+    return path
+
+
+def map_shared_file(root: str | Path, name: Any, nbytes: Any) -> torch.Tensor:
+    """Receiver: the first ``nbytes`` of file ``name`` inside ``root``, mapped (private, copy-on-write).
+
+    ValueError for a name that is not a bare file name, a path that leaves ``root``, a missing
+    file or one shorter than ``nbytes``.
+    """
+    path = _checked_path(root, name, nbytes)
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
     with open(path, "rb") as f:

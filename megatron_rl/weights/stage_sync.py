@@ -96,6 +96,11 @@ class SyncOptions:
     """With delta: every full_every-th sync is full (0 = only the first and ``sync(full=True)``)."""
     shm_dir: str | None = None
     """shm: the directory the servers were started with (``serve --weight-shm-dir``)."""
+    persistent_shm: bool = False
+    """shm without delta: one file per bucket, kept for the link's life (memory: the stage's
+    weights once, instead of two buckets); a server holding the wire dtype row-major maps them
+    as its weights (zero copy: a sync is the TP ranks' writes). Set when servers run in the
+    actor's dtype."""
     shared_fill: bool = True
     """TP > 1: when the TP team shares the leader's node, every rank writes its own shards into
     shared-memory buckets (a private directory under /dev/shm unless the shm transport's files
@@ -166,6 +171,7 @@ class _Leader:
         self.tp = tp
         size = max((s.nbytes for s in specs), default=0)
         self.direct = slots is not None and not opts.delta  # the transport's shared files are the fill buffers
+        self.persistent = self.direct and opts.persistent_shm  # one file per bucket, kept: zero-copy servers
         self.fill: ShmSlots | None = None  # shared fill buffers of our own (TP peers map them)
         self.fill_dir: str | None = None
         if not self.direct and tp > 1 and opts.shared_fill:
@@ -192,7 +198,8 @@ class _Leader:
                 backend=opts.backend, timeout_s=opts.timeout_s)
         else:
             size = max((s.nbytes for s in specs), default=0)
-            slots = ShmSlots(opts.shm_dir or DEFAULT_ROOT, size, count=1 if opts.delta else 2, tag=f"pp{topo.pp_rank}")
+            count = 1 if opts.delta else len(specs) if opts.persistent_shm else 2
+            slots = ShmSlots(opts.shm_dir or DEFAULT_ROOT, size, count=max(count, 1), tag=f"pp{topo.pp_rank}")
         return cls(receiver, specs, opts, topo.tp, sender, slots)
 
     def shared_buffers(self) -> ShmSlots | None:
@@ -244,8 +251,10 @@ class _Leader:
 
         def produce() -> None:
             try:
-                for spec in self.specs:
+                for k, spec in enumerate(self.specs):
                     i = free.get()
+                    if self.persistent:
+                        i = k  # bucket k's own file (a free slot was taken only to keep the count)
                     t0 = time.perf_counter()
                     if self.peers_share:
                         _fill_shared(spec, params, dims, tp_group, self.buffers[i], i)
@@ -347,7 +356,7 @@ class _Leader:
         if self.opts.delta:  # the fill buffers are private: copy the payload into the shared file
             slot = 0
             self.slots.tensors[0][:payload.numel()].copy_(payload)
-        h = handle(self.slots.names[slot], payload.numel(), names, dtypes, shapes, meta)
+        h = handle(self.slots.names[slot], payload.numel(), names, dtypes, shapes, meta, persistent=self.persistent)
         await self.receiver.post_weights("/update_weights_from_tensor", {
             "serialized_named_tensors": [h], "load_format": "shared_memory", "flush_cache": False,
             "weight_version": version})

@@ -102,6 +102,11 @@ def test_sglang_commands_gpus_and_missing_install(tmp_path, monkeypatch):
     assert cmd[cmd.index("--tp-size") + 1] == "2" and cmd[cmd.index("--mem-fraction-static") + 1] == "0.5"
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--model-path") + 1] == "/models/qwen"
     assert "--enable-memory-saver" not in cmd  # own GPUs: nothing to release
+    assert "--dtype" not in cmd  # server_dtype auto: SGLang's own choice (the checkpoint's)
+    for engine, command in (("sglang", srv.sglang_command), ("embedded", srv.embedded_command)):
+        bf16 = RolloutConfig(engine=engine, base_port=0, server_dtype="bfloat16")
+        cmd = command(srv.ServerManager(bf16, "/m", log_dir=tmp_path).specs()[0])
+        assert cmd[cmd.index("--dtype") + 1] == "bfloat16", engine
     colocated = RolloutConfig(engine="sglang", num_servers=1, tp_size=2, base_port=0, mem_fraction=0.5, colocate=True)
     assert "--enable-memory-saver" in srv.sglang_command(srv.ServerManager(colocated, "/m", log_dir=tmp_path).specs()[0])
     seen = []

@@ -39,6 +39,7 @@ def test_serve_help_exits_0():
     proc = subprocess.run([console_script(), "serve", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--model" in proc.stdout and "--deterministic" in proc.stdout and "--weight-layout" in proc.stdout
+    assert "--dtype" in proc.stdout
 
 
 def test_readme_serve_command_serves_generates_and_stops_on_sigterm(tiny_model_dir, tmp_path):

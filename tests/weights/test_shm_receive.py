@@ -166,3 +166,61 @@ def test_attached_slots_share_memory_and_survive_the_names_being_unlinked(tmp_pa
             ShmSlots.attach(tmp_path, small.names, 4096)
         finally:
             small.close()
+
+
+def test_persistent_buckets_become_the_weights_of_bf16_servers_and_a_private_load_unshares(served, tmp_path):
+    """Zero-copy sync: two bf16 row-major servers map one persistent bucket as their weights; the
+    trainer's next in-place write is their new weights with nothing copied; a load through any
+    other path gives that server private storage first (the other server and the file keep theirs).
+    An fp32 server given the same handle copies (casts) as before."""
+    shm = tmp_path / "shm"
+    engines = [EmbeddedEngine(str(served), seed=0, dtype=torch.bfloat16, transposed_weights=False) for _ in range(2)]
+    fp32 = EmbeddedEngine(str(served), seed=0)
+    old, new = bf16_weights(1, tmp_path), bf16_weights(2, tmp_path)
+    flat = flatten_bucket([t for _, t in old])
+    slots = ShmSlots(shm, flat.numel(), count=1)
+    names = [n for n, _ in old]
+    body = {"serialized_named_tensors": [handle(slots.names[0], flat.numel(), names, ["bfloat16"] * len(names),
+                                                [list(t.shape) for _, t in old], None, persistent=True)]}
+    base = slots.tensors[0]
+
+    def in_file(t: torch.Tensor) -> bool:  # its storage is the mapped file (another mapping of it)
+        return t.untyped_storage().nbytes() == base.numel()
+
+    try:
+        for e in [*engines, fp32]:
+            e.weight_shm_dir = str(shm)
+        base.copy_(flat)
+        for e in [*engines, fp32]:
+            assert e.load_shared_memory(body["serialized_named_tensors"]) == len(names)
+        for e in engines:
+            assert all(in_file(e._targets[n]) and torch.equal(e._targets[n], t) for n, t in old)
+            assert e.model.lm_head.weight is e.model.model.embed_tokens.weight  # still tied
+        assert not any(in_file(fp32._targets[n]) for n in names)
+        assert all(torch.equal(fp32._targets[n], t.float()) for n, t in old)
+
+        base.copy_(flatten_bucket([t for _, t in new]))  # the trainer's next sync, written in place
+        for e in engines:
+            assert e.load_shared_memory(body["serialized_named_tensors"]) == len(names)
+            assert all(torch.equal(e._targets[n], t) for n, t in new)
+        assert all(torch.equal(fp32._targets[n], t.float()) for n, t in old)  # fp32: only by a load
+
+        engines[0].load_weights(old[:1])  # e.g. a checkpoint loaded into one server
+        name = names[0]
+        assert not in_file(engines[0]._targets[name]) and torch.equal(engines[0]._targets[name], old[0][1])
+        assert in_file(engines[1]._targets[name]) and torch.equal(engines[1]._targets[name], new[0][1])
+        ids, _ = _greedy_ids(engines[1])
+        assert len(ids) == 4
+    finally:
+        slots.close()
+        for e in [*engines, fp32]:
+            e.shutdown()
+
+
+def _greedy_ids(engine):
+    from megatron_rl.rollout.sampling import parse_sampling_params
+
+    params = parse_sampling_params({"temperature": 0, "max_new_tokens": 4}, engine.vocab_size)
+    (fut,) = engine.submit([3, 14, 15], params, rid="z", return_logprob=True)
+    job = fut.result(timeout=60)
+    return job.output_ids, job.output_logprobs
