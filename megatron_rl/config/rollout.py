@@ -31,8 +31,10 @@ class RolloutConfig:
     server_dtype: ServerDtype = "auto"
     """dtype of launched servers (`--dtype`). auto: float32 for the embedded engine (log-probs
     closest to an fp32 actor's), the checkpoint's for SGLang. bfloat16 on the embedded engine
-    reads half the weight bytes per decode step and loads a bf16 actor's sync as plain copies;
-    its log-probs then differ from an fp32 actor's as SGLang's do (mind `algo` corrections)."""
+    reads half the weight bytes per decode step and loads a bf16 actor's sync as plain copies
+    (with `sync_transport: shm` and `deterministic: false`, none: the servers map the trainer's
+    buckets as their weights); its log-probs then differ from an fp32 actor's as SGLang's do
+    (mind `algo` corrections)."""
     mem_fraction: float = 0.8
     """SGLang --mem-fraction-static: share of each GPU for weights + KV cache (lower when colocated)."""
     gpu_ids: list[int] | None = None

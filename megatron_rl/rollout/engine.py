@@ -385,14 +385,18 @@ class EmbeddedEngine:
             target = self._target(name, tuple(view.shape), i)
             if name not in params or target.dtype != view.dtype or is_transposed(target) or not target.is_contiguous():
                 return False
+        bound = 0
         with self._model_lock, torch.no_grad():
             for name, view in zip(names, views):
                 param = params[name]
                 if param.data_ptr() != view.data_ptr():
                     param.data = view
+                    bound += 1
                 self._shared[name] = file
             self._targets = self.model.state_dict()
             self._shm_cache.keep(set(self._shared.values()))
+        if bound:
+            log.info("zero-copy weights: %d tensor(s) now live in the shared bucket %s", bound, file)
         if self._unverified:
             self._unverified = self._unverified.difference(names)
         return True

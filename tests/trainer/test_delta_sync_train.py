@@ -8,7 +8,9 @@
     by its checksum, the bucket goes again in full and the next step's gate still passes; no
     shared-memory file is left behind;
 (c) the same at PP=2: each stage's first rank sends its own layers (stage 1 with a rollout
-    client of its own).
+    client of its own);
+(d) zero-copy colocated sync: bf16 servers (rollout.server_dtype) of a bf16 TP=2 actor map
+    the shared buckets as their weights; the TP peer writes its own shards into them.
 """
 
 from __future__ import annotations
@@ -136,6 +138,24 @@ def test_corrupted_delta_is_refused_and_resent_in_full(tiny, tmp_path, pp):
     assert "weight checksum mismatch" in log
     assert shm_entries() <= shm_before  # the run's shared-memory directory went with it
     assert not os.environ.get("MEGATRON_RL_FAULT_CORRUPT_DELTA")
+
+
+def test_bf16_servers_take_the_shared_buckets_as_their_weights(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    shm_before = shm_entries()
+    recipe = write_recipe(tmp_path / "r.yaml", **sections(
+        tiny, run_dir, train={"num_steps": 3}, checkpoint={"save_every": 3}, parallel={"tp": 2}, **BF16,
+        # not deterministic: its batch-invariant decode keeps weights column-major, which a sync must transpose
+        rollout={"sync_transport": "shm", "server_dtype": "bfloat16", "deterministic": False}))
+    proc = train(recipe)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = metrics(run_dir, drop_timings=False)
+    check_gated_rows(rows, 3)  # bf16 actor vs bf16 server: the samples came from the actor's weights
+    assert all(r["sync/full"] == 1 and r["sync/sent_frac"] == 1 for r in rows)
+    (server_log,) = (run_dir / "servers").glob("*.log")
+    text = server_log.read_text()
+    assert "(bfloat16, row-major weights" in text and "zero-copy weights:" in text, text[-3000:]
+    assert shm_entries() <= shm_before
 
 
 def test_single_sender_path_of_cuda_actors_still_syncs(tiny, tmp_path):
