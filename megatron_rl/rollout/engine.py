@@ -156,6 +156,8 @@ class EmbeddedEngine:
         from megatron_rl.weights.shm import SharedMaps
 
         self._shared: dict[str, str] = {}  # parameter name -> the shared bucket file it is bound to
+        # A received bucket's names -> (the buffer its parameters live in, their data pointers)
+        self._received: dict[tuple[str, ...], tuple[torch.Tensor, list[int]]] = {}
         self._shm_cache = SharedMaps()
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
         self.original_logprobs, self.deterministic = original_logprobs, deterministic
@@ -380,23 +382,80 @@ class EmbeddedEngine:
             views = unflatten_bucket(flat, torch_dtypes, shapes)
         except ValueError as e:
             raise BadRequest(f"Bad flattened bucket: {e}.") from None
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        for i, (name, view) in enumerate(zip(names, views)):
-            target = self._target(name, tuple(view.shape), i)
-            if name not in params or target.dtype != view.dtype or is_transposed(target) or not target.is_contiguous():
-                return False
-        bound = 0
+        params = self._bindable(names, views, flat)
+        if params is None:
+            return False
         with self._model_lock, torch.no_grad():
-            for name, view in zip(names, views):
-                param = params[name]
-                if param.data_ptr() != view.data_ptr():
-                    param.data = view
-                    bound += 1
+            bound = self._bind(params, names, views)
+            for name in names:
                 self._shared[name] = file
-            self._targets = self.model.state_dict()
             self._shm_cache.keep(set(self._shared.values()))
         if bound:
             log.info("zero-copy weights: %d tensor(s) now live in the shared bucket %s", bound, file)
+        if self._unverified:
+            self._unverified = self._unverified.difference(names)
+        return True
+
+    def _bindable(self, names: list[str], views: list[torch.Tensor], flat: torch.Tensor) -> dict | None:
+        """The model's parameters by name if every tensor of a bucket can become its parameter's
+        storage (same dtype, row-major, a true view of ``flat``), else None. BadRequest on an
+        unknown name or shape, as a load."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        base = flat.untyped_storage().data_ptr()
+        ok = True
+        for i, (name, view) in enumerate(zip(names, views)):
+            target = self._target(name, tuple(view.shape), i)
+            ok = ok and (name in params and target.dtype == view.dtype and not is_transposed(target)
+                         and target.is_contiguous() and view.untyped_storage().data_ptr() == base)
+        return params if ok else None
+
+    def _bind(self, params: dict, names: list[str], views: list[torch.Tensor]) -> int:
+        """Model lock held: make each view its parameter's storage; returns how many changed.
+        A parameter leaves any other bucket it was bound to (shared file or received buffer)."""
+        bound = 0
+        for name, view in zip(names, views):
+            self._shared.pop(name, None)
+            if params[name].data_ptr() != view.data_ptr():
+                params[name].data = view
+                bound += 1
+        for key in [k for k in self._received if not set(k).isdisjoint(names)]:
+            del self._received[key]
+        self._targets = self.model.state_dict()
+        return bound
+
+    def _receive_in_place(self, names: list[str], torch_dtypes: list[torch.dtype], shapes: list[list[int]],
+                          group: Any, nbytes: int) -> int | None:
+        """A flattened bucket whose parameters already live in a buffer of their own (bound by an
+        earlier receive of the same bucket): broadcast straight into them under the model lock,
+        nothing copied. None when the bucket is not bound (or no longer: a parameter moved)."""
+        held = self._received.get(tuple(names))
+        if held is None or held[0].numel() != nbytes:
+            return None
+        flat, ptrs = held
+        if any(self._targets[n].data_ptr() != p for n, p in zip(names, ptrs)):
+            return None
+        with self._model_lock:
+            group.broadcast([flat])
+        if self._unverified:
+            self._unverified = self._unverified.difference(names)
+        return len(names)
+
+    def _keep_received(self, names: list[str], torch_dtypes: list[torch.dtype], shapes: list[list[int]],
+                       flat: torch.Tensor) -> bool:
+        """After a flattened bucket arrived: where its parameters can live in the wire bytes (bf16
+        server, row-major), copy the bucket into a buffer of its own and make that their storage,
+        so the next sync of this bucket is received in place. False: load it by copying."""
+        from megatron_rl.weights.sync import unflatten_bucket
+
+        own = torch.empty_like(flat)
+        views = unflatten_bucket(own, torch_dtypes, shapes)
+        params = self._bindable(names, views, own)
+        if params is None:
+            return False
+        own.copy_(flat)
+        with self._model_lock, torch.no_grad():
+            self._bind(params, names, views)
+            self._received[tuple(names)] = (own, [self._targets[n].data_ptr() for n in names])
         if self._unverified:
             self._unverified = self._unverified.difference(names)
         return True
@@ -479,9 +538,15 @@ class EmbeddedEngine:
             group.broadcast([payload])
             return self.load_flat(payload, names, dtypes, shapes, delta)
         if flattened:
-            flat = self._recv_buffer(group_name, bucket_nbytes(torch_dtypes, shapes))
+            nbytes = bucket_nbytes(torch_dtypes, shapes)
+            done = self._receive_in_place(names, torch_dtypes, shapes, group, nbytes)
+            if done is not None:
+                return done
+            flat = self._recv_buffer(group_name, nbytes)
             group.broadcast([flat])
             tensors = unflatten_bucket(flat, torch_dtypes, shapes)
+            if self._keep_received(names, torch_dtypes, shapes, flat):
+                return len(names)
         else:
             tensors = [torch.empty(list(s), dtype=d) for d, s in zip(torch_dtypes, shapes)]
             group.broadcast(tensors)

@@ -171,6 +171,43 @@ def test_distributed_transport_to_a_server_process_and_bad_names_do_not_hang(dir
     assert report.num_tensors == len(list(source.parameters())) and report.num_buckets > 1
 
 
+def test_a_bf16_server_takes_received_buckets_as_its_weights_and_receives_later_syncs_in_place(dirs, tmp_path):
+    """serve --dtype bfloat16: the first flattened bucket of a bf16 sender becomes the storage of
+    its parameters; the next sync of the same buckets is broadcast straight into them. Each
+    sync's weights are the sender's: the server scores as a bf16 model holding them does."""
+    served, trainer_dir = dirs
+    seq = [9, 8, 7, 6, 5, 4]
+
+    def bf16_scores(model) -> list[float]:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), -1)
+        return [logp[t - 1, seq[t]].item() for t in range(1, len(seq))]
+
+    sources = [trainer_model(trainer_dir, seed=s).to(torch.bfloat16) for s in (5, 6)]
+    wants = [bf16_scores(m) for m in sources]
+    assert max(abs(a - b) for a, b in zip(*wants)) > 0.1  # two clearly different models
+
+    async def main(url):
+        got = []
+        async with RolloutClient([url]) as client:
+            sender = await DistributedSender.connect(client, group_name=f"g-{uuid.uuid4().hex[:6]}", timeout_s=60)
+            try:
+                for m in (sources[0], sources[1], sources[0]):  # bind, in place, in place
+                    await sync_weights(m.named_parameters(), client, transport="distributed",
+                                       bucket_bytes=16 << 10, sender=sender, flattened=True)
+                    got.append((await client.score([seq]))[0])
+            finally:
+                await sender.close()
+        return got
+
+    with serve_processes(served, 1, tmp_path, extra_args=("--dtype", "bfloat16")) as (server,):
+        got = asyncio.run(main(server.url))
+    log = (tmp_path / "serve-0.log").read_text()
+    assert "bfloat16, row-major weights" in log
+    for g, w in zip(got, (wants[0], wants[1], wants[0])):
+        assert g == pytest.approx(w, abs=2e-2)
+
+
 def test_sync_address_is_loopback_for_local_servers_and_a_routed_interface_for_remote_ones():
     from megatron_rl.weights.sync import address_toward
 
