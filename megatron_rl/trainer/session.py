@@ -177,8 +177,9 @@ class Session:
         self.link_opens += 1
         opts = SyncOptions(transport=r.sync_transport, bucket_bytes=r.bucket_size_mb << 20, delta=r.sync_delta,
                            full_every=r.sync_full_every, shm_dir=self.shm_dir,
-                           # the launched servers hold the actor's dtype: they map the buckets as weights
-                           persistent_shm=r.server_dtype == self.cfg.model.dtype,
+                           # the launched servers hold the actor's dtype row-major (deterministic mode
+                           # keeps them column-major): they map the buckets as their weights
+                           persistent_shm=r.server_dtype == self.cfg.model.dtype and not r.deterministic,
                            group_name=f"megatron_rl_weights_{self.link_opens}", backend=weight_sync_backend(self.cfg),
                            timeout_s=r.health_timeout_s)
         receiver = self.client if self.rank0 else self.sync_client

@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+import torch
 from rollout_helpers import one_torch_thread
 
 from megatron_rl.config.rollout import RolloutConfig
@@ -32,14 +33,16 @@ OTHERS = [  # 7 requests of other lengths and kinds: seeded, unseeded, greedy, t
 WAIT = 120
 
 
-@pytest.fixture(scope="module", params=["transposed", "hf"])
+@pytest.fixture(scope="module", params=["transposed", "hf", "transposed-bf16"])
 def det_engine(tiny_model_dir, request):
-    """Both weight layouts: seeded rows decode together (transposed) or one by one (hf)."""
+    """Both weight layouts: seeded rows decode together (transposed) or one by one (hf); and a
+    bf16 engine (serve --dtype bfloat16 --deterministic keeps the column-major layout)."""
     from megatron_rl.rollout.engine import EmbeddedEngine
 
     with one_torch_thread():
         eng = EmbeddedEngine(str(tiny_model_dir), seed=0, batch_wait_s=0.05, deterministic=True,
-                             transposed_weights=request.param == "transposed")
+                             transposed_weights=request.param.startswith("transposed"),
+                             dtype=torch.bfloat16 if request.param.endswith("bf16") else torch.float32)
         try:
             yield eng
         finally:
