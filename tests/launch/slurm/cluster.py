@@ -466,6 +466,12 @@ class SlurmCluster:
         """Once the job is pending again after a requeue, start it now instead of after its BeginTime."""
         rec = self.wait_state(job_id, ("PENDING", *TERMINAL), timeout=timeout)
         if rec.get("JobState") == "PENDING":
+            # A requeued job is pending while its node may still be completing the old run (the
+            # batch step's cleanup); started at once then, one CI run saw it fail with exit 1
+            # before its script printed a line. Wait for the node to finish that first.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and "comp" in self._run_quiet(["sinfo", "-h", "-N", "-o", "%T"]).stdout:
+                time.sleep(0.5)
             self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
 
     def diagnostics(self) -> str:
