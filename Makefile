@@ -38,7 +38,7 @@ demo: $(STAMP)
 
 # Every test, the slow multi-process ones included (CI runs exactly this).
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15
 
 # Everything except tests marked slow: the inner loop while developing.
 test-fast: $(STAMP)
