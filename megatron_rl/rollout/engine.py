@@ -279,9 +279,13 @@ class EmbeddedEngine:
                     self._copier.copy_into(target, tensor)  # casts (bf16 -> fp32); transposes if stored so
                     loaded.append(name)
         finally:
-            if self._unverified:
-                self._unverified = self._unverified.difference(loaded)
+            self._verified(loaded)
         return len(loaded)
+
+    def _verified(self, names: Iterable[str]) -> None:
+        """These tensors now hold values loaded in full: they take deltas again."""
+        if self._unverified:
+            self._unverified = self._unverified.difference(names)
 
     def _target(self, name: str, shape: tuple[int, ...], done: int) -> torch.Tensor:
         target = self._targets.get(name)
@@ -392,8 +396,7 @@ class EmbeddedEngine:
             self._shm_cache.keep(set(self._shared.values()))
         if bound:
             log.info("zero-copy weights: %d tensor(s) now live in the shared bucket %s", bound, file)
-        if self._unverified:
-            self._unverified = self._unverified.difference(names)
+        self._verified(names)
         return True
 
     def _bindable(self, names: list[str], views: list[torch.Tensor], flat: torch.Tensor) -> dict | None:
@@ -423,8 +426,7 @@ class EmbeddedEngine:
         self._targets = self.model.state_dict()
         return bound
 
-    def _receive_in_place(self, names: list[str], torch_dtypes: list[torch.dtype], shapes: list[list[int]],
-                          group: Any, nbytes: int) -> int | None:
+    def _receive_in_place(self, names: list[str], group: Any, nbytes: int) -> int | None:
         """A flattened bucket whose parameters already live in a buffer of their own (bound by an
         earlier receive of the same bucket): broadcast straight into them under the model lock,
         nothing copied. None when the bucket is not bound (or no longer: a parameter moved)."""
@@ -436,28 +438,26 @@ class EmbeddedEngine:
             return None
         with self._model_lock:
             group.broadcast([flat])
-        if self._unverified:
-            self._unverified = self._unverified.difference(names)
+        self._verified(names)
         return len(names)
 
-    def _keep_received(self, names: list[str], torch_dtypes: list[torch.dtype], shapes: list[list[int]],
-                       flat: torch.Tensor) -> bool:
-        """After a flattened bucket arrived: where its parameters can live in the wire bytes (bf16
-        server, row-major), copy the bucket into a buffer of its own and make that their storage,
-        so the next sync of this bucket is received in place. False: load it by copying."""
+    def _keep_received(self, names: list[str], tensors: list[torch.Tensor], flat: torch.Tensor,
+                       torch_dtypes: list[torch.dtype], shapes: list[list[int]]) -> bool:
+        """After a flattened bucket arrived (``tensors``: its views of the receive buffer
+        ``flat``): where its parameters can live in the wire bytes (bf16 server, row-major), copy
+        the bucket into a buffer of its own and make that their storage, so the next sync of this
+        bucket is received in place. False: load it by copying."""
         from megatron_rl.weights.sync import unflatten_bucket
 
-        own = torch.empty_like(flat)
-        views = unflatten_bucket(own, torch_dtypes, shapes)
-        params = self._bindable(names, views, own)
+        params = self._bindable(names, tensors, flat)
         if params is None:
             return False
-        own.copy_(flat)
+        own = flat.clone()
+        views = unflatten_bucket(own, torch_dtypes, shapes)
         with self._model_lock, torch.no_grad():
             self._bind(params, names, views)
             self._received[tuple(names)] = (own, [self._targets[n].data_ptr() for n in names])
-        if self._unverified:
-            self._unverified = self._unverified.difference(names)
+        self._verified(names)
         return True
 
     def _unshare(self, name: str) -> None:
@@ -539,13 +539,13 @@ class EmbeddedEngine:
             return self.load_flat(payload, names, dtypes, shapes, delta)
         if flattened:
             nbytes = bucket_nbytes(torch_dtypes, shapes)
-            done = self._receive_in_place(names, torch_dtypes, shapes, group, nbytes)
+            done = self._receive_in_place(names, group, nbytes)
             if done is not None:
                 return done
             flat = self._recv_buffer(group_name, nbytes)
             group.broadcast([flat])
             tensors = unflatten_bucket(flat, torch_dtypes, shapes)
-            if self._keep_received(names, torch_dtypes, shapes, flat):
+            if self._keep_received(names, tensors, flat, torch_dtypes, shapes):
                 return len(names)
         else:
             tensors = [torch.empty(list(s), dtype=d) for d, s in zip(torch_dtypes, shapes)]

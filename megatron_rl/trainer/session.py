@@ -177,9 +177,7 @@ class Session:
         self.link_opens += 1
         opts = SyncOptions(transport=r.sync_transport, bucket_bytes=r.bucket_size_mb << 20, delta=r.sync_delta,
                            full_every=r.sync_full_every, shm_dir=self.shm_dir,
-                           # the launched servers hold the actor's dtype row-major (deterministic mode
-                           # keeps them column-major): they map the buckets as their weights
-                           persistent_shm=r.server_dtype == self.cfg.model.dtype and not r.deterministic,
+                           persistent_shm=servers_map_buckets(self.cfg),
                            group_name=f"megatron_rl_weights_{self.link_opens}", backend=weight_sync_backend(self.cfg),
                            timeout_s=r.health_timeout_s)
         receiver = self.client if self.rank0 else self.sync_client
@@ -311,6 +309,16 @@ def _shm_dir(s: Session) -> str:
     path = tempfile.mkdtemp(prefix="megatron-rl-weights-", dir=root)
     s.stack.callback(shutil.rmtree, path, True)  # entered before the servers: removed after they stop
     return path
+
+
+def servers_map_buckets(cfg: RunConfig) -> bool:
+    """Whether the servers this run launches (``--weight-layout auto``) hold the actor's dtype
+    row-major, so they can take shared-memory buckets as their weights (zero-copy sync)."""
+    from megatron_rl.rollout.layout import DTYPES, wants_transposed
+
+    r = cfg.rollout
+    dtype = DTYPES.get(r.server_dtype)
+    return r.server_dtype == cfg.model.dtype and dtype is not None and not wants_transposed("auto", dtype, r.deterministic)
 
 
 def stage_sync_enabled(cfg: RunConfig) -> bool:

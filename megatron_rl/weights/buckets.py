@@ -207,7 +207,7 @@ def fill_own_shards(spec: BucketSpec, params: dict[str, torch.Tensor], dims: Mod
                        hf_views(flat, spec.dtype, slot.entries))
 
 
-def _peer_ranks(tp_group) -> list[int]:
+def peer_ranks(tp_group) -> list[int]:
     """Global ranks of TP ranks 1.. (the leader is TP rank 0)."""
     return [dist.get_global_rank(tp_group, r) for r in range(1, dist.get_world_size(tp_group))]
 
@@ -219,7 +219,7 @@ def fill_bucket(spec: BucketSpec, params: dict[str, torch.Tensor], dims: ModelDi
 
     ``scratch`` holds (tp - 1) * ``spec.recv_bytes`` (None when tp == 1 or nothing is sent).
     """
-    peers = _peer_ranks(tp_group) if tp_group is not None and spec.recv_bytes else []
+    peers = peer_ranks(tp_group) if tp_group is not None and spec.recv_bytes else []
     works = []
     for slot in spec.params:
         if slot.recv_offset < 0 or not peers:

@@ -13,9 +13,11 @@ A handle is data, never code: ``{"name": file name, "nbytes": bytes used, "names
 server whose parameters have the wire dtype and row-major layout maps those files shared and
 makes them its parameters' storage (``SharedMaps``), so later syncs are the trainer's writes
 alone, made while generation is paused. A copy into such a parameter by any other load gives
-it private storage first, so it never changes another server mapping the same file. The server accepts bare file
-names only (no separators), resolves them inside its directory and refuses anything else
-(symlinks out of it included), so a request cannot make it read other files.
+it private storage first, so it never changes another server mapping the same file.
+
+The server accepts bare file names only (no separators), resolves them inside its directory
+and refuses anything else (symlinks out of it included), so a request cannot make it read
+other files.
 """
 
 from __future__ import annotations

@@ -62,6 +62,7 @@ from megatron_rl.weights.buckets import (
     fill_bucket,
     fill_own_shards,
     named_params,
+    peer_ranks,
     plan_stage,
     send_shards,
 )
@@ -229,12 +230,16 @@ class _Leader:
             log.warning("weight sync: the TP peers cannot map this leader's shared-memory buckets (another "
                         "node?); they send their shards point to point")
 
-    async def close(self) -> None:
+    def drop_files(self) -> None:
+        """Unmap and remove this leader's shared-memory files (transport slots and fill buffers)."""
         if self.slots is not None:
             self.slots.close()
         if self.fill is not None:
             self.fill.close()
             _remove_dir(self.fill_dir)
+
+    async def close(self) -> None:
+        self.drop_files()
         if self.sender is not None:
             await self.sender.close()
 
@@ -385,7 +390,7 @@ def _fill_shared(spec: BucketSpec, params: dict[str, torch.Tensor], dims: ModelD
                  flat: torch.Tensor, slot: int) -> None:
     """Leader's fill thread: tell every peer which shared buffer bucket ``spec`` goes in, write
     its own shards there, and return once every peer reported its shards written."""
-    peers = [dist.get_global_rank(tp_group, r) for r in range(1, dist.get_world_size(tp_group))]
+    peers = peer_ranks(tp_group)
     works = [dist.isend(torch.tensor([slot], dtype=torch.int64), dst=p, group=tp_group) for p in peers]
     fill_own_shards(spec, params, dims, 0, len(peers) + 1, flat[:spec.nbytes])
     for w in works:
@@ -529,11 +534,7 @@ class ActorSync:
         """This rank only: drop the weight group and shared files without calling the servers
         (after servers died: the group cannot be used again). Open a new ActorSync to go on."""
         if self.leader is not None:
-            if self.leader.slots is not None:
-                self.leader.slots.close()
-            if self.leader.fill is not None:
-                self.leader.fill.close()
-                _remove_dir(self.leader.fill_dir)
+            self.leader.drop_files()
             if self.leader.sender is not None:
                 self.leader.sender.group.close()
             self.leader = None

@@ -29,6 +29,16 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def greedy(engine, prompt: list[int], n: int = 8) -> tuple[list[int], list[float]]:
+    """``n`` greedy tokens of an in-process EmbeddedEngine after ``prompt``, with their log-probs."""
+    from megatron_rl.rollout.sampling import parse_sampling_params
+
+    params = parse_sampling_params({"temperature": 0, "max_new_tokens": n}, engine.vocab_size)
+    (fut,) = engine.submit(prompt, params, rid=f"g{len(prompt)}", return_logprob=True)
+    job = fut.result(timeout=60)
+    return job.output_ids, job.output_logprobs
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rollout_helpers import greedy
 
 from megatron_rl.rollout.layout import (
     TransposingCopier,
@@ -11,7 +12,6 @@ from megatron_rl.rollout.layout import (
     to_decode_layout,
     wants_transposed,
 )
-from megatron_rl.rollout.sampling import parse_sampling_params
 
 
 def _hf(model_dir):
@@ -78,7 +78,7 @@ def test_a_bf16_engine_matches_transformers_in_bf16_and_loads_bf16_weights_witho
         assert server_info_body(engine, "127.0.0.1:1")["dtype"] == "bfloat16"
         ref = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).eval()
         prompt = [3, 14, 15, 92, 65]
-        ids, logprobs = _greedy(engine, prompt)
+        ids, logprobs = greedy(engine, prompt)
         with torch.no_grad():
             want = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, output_logits=True,
                                 return_dict_in_generate=True)
@@ -98,13 +98,6 @@ def test_a_bf16_engine_matches_transformers_in_bf16_and_loads_bf16_weights_witho
         EmbeddedEngine(str(tiny_model_dir), dtype=torch.float16)
 
 
-def _greedy(engine, prompt, n=8):
-    params = parse_sampling_params({"temperature": 0, "max_new_tokens": n}, engine.vocab_size)
-    (fut,) = engine.submit(prompt, params, rid=f"g{len(prompt)}", return_logprob=True)
-    job = fut.result(timeout=60)
-    return job.output_ids, job.output_logprobs
-
-
 def test_engines_of_both_layouts_generate_alike_and_load_alike(tiny_model_dir):
     from megatron_rl.rollout.engine import EmbeddedEngine
 
@@ -114,8 +107,8 @@ def test_engines_of_both_layouts_generate_alike_and_load_alike(tiny_model_dir):
         assert fast.transposed and not plain.transposed
         assert is_transposed(fast.model.lm_head.weight) and not is_transposed(plain.model.lm_head.weight)
         prompt = [3, 14, 15, 92, 65]
-        ids_f, lp_f = _greedy(fast, prompt)
-        ids_p, lp_p = _greedy(plain, prompt)
+        ids_f, lp_f = greedy(fast, prompt)
+        ids_p, lp_p = greedy(plain, prompt)
         assert ids_f == ids_p
         torch.testing.assert_close(torch.tensor(lp_f), torch.tensor(lp_p), rtol=0, atol=1e-5)
         # New weights in bf16 (the wire dtype of a sync) land with the same values in both layouts.
@@ -126,7 +119,7 @@ def test_engines_of_both_layouts_generate_alike_and_load_alike(tiny_model_dir):
         assert fast.load_weights(new.items()) == plain.load_weights(new.items()) == len(new)
         for name, t in fast.model.state_dict().items():
             assert torch.equal(t, new[name].float()), name
-        assert _greedy(fast, prompt)[0] == _greedy(plain, prompt)[0]
+        assert greedy(fast, prompt)[0] == greedy(plain, prompt)[0]
     finally:
         fast.shutdown()
         plain.shutdown()

@@ -16,7 +16,7 @@ for extra in (ROOT, ROOT / "rollout"):
 
 from aiohttp.test_utils import TestServer  # noqa: E402
 from helpers.tiny_models import make_tiny_hf  # noqa: E402
-from rollout_helpers import TINY  # noqa: E402
+from rollout_helpers import TINY, greedy  # noqa: E402
 
 from megatron_rl.errors import RolloutError  # noqa: E402
 from megatron_rl.rollout.client import RolloutClient  # noqa: E402
@@ -209,18 +209,10 @@ def test_persistent_buckets_become_the_weights_of_bf16_servers_and_a_private_loa
         name = names[0]
         assert not in_file(engines[0]._targets[name]) and torch.equal(engines[0]._targets[name], old[0][1])
         assert in_file(engines[1]._targets[name]) and torch.equal(engines[1]._targets[name], new[0][1])
-        ids, _ = _greedy_ids(engines[1])
+        ids, _ = greedy(engines[1], [3, 14, 15], n=4)
         assert len(ids) == 4
     finally:
         slots.close()
         for e in [*engines, fp32]:
             e.shutdown()
 
-
-def _greedy_ids(engine):
-    from megatron_rl.rollout.sampling import parse_sampling_params
-
-    params = parse_sampling_params({"temperature": 0, "max_new_tokens": 4}, engine.vocab_size)
-    (fut,) = engine.submit([3, 14, 15], params, rid="z", return_logprob=True)
-    job = fut.result(timeout=60)
-    return job.output_ids, job.output_logprobs
